@@ -1,0 +1,691 @@
+"""Shared plumbing for the three RcAE stages, evaluate.py and the FAIR baseline.
+
+Only what every stage shares lives here (STYLE.md rule 8); each stage file defines its own network
+and loss and nothing else.
+
+    data      MVTec AD and VisA loaders, decoded once into an in-memory uint8 cache, holdout split
+    augment   pseudo anomalies: colour blocks, copy-paste, crack lines (paper, "Training Strategy")
+    grad      the one first-order gradient operator I' of Eq. (5), (6), (7) and (9)
+    runtime   shared flags, seeding, device, atomic self-describing checkpoints, upstream hand-off
+    loop      the training loop: progress bar (images/s, ETA, loss parts), JSONL log, resume, NaN guard
+    synth     a small synthetic MVTec-layout category for the tests and the quick start
+
+Make a synthetic category (nothing to download):
+
+    python common.py synth --out data/toy --size 128
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+VERSION = 1  # checkpoint format version
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, never as a traceback (see run_main)."""
+
+
+def run_main(main):
+    """Entry point of every script: user errors become `error: ...` on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last checkpoint on disk is intact; run the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Sample:
+    path: str
+    mask: str | None  # ground-truth mask file, None for normal images
+    label: int  # 0 normal, 1 anomalous
+    defect: str  # "good" or the defect type
+
+
+def detect_layout(root):
+    """'mvtec' for <root>/train/good, 'visa' for <root>/Data/Images next to <root>/../split_csv/1cls.csv."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"--data {root}: no such folder")
+    if not root.is_dir():
+        raise UserError(f"--data {root}: not a folder (point it at one category, e.g. mvtec/bottle)")
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return "mvtec"
+    if (root / "Data" / "Images").is_dir():
+        if not (root.parent / "split_csv" / "1cls.csv").is_file():
+            raise UserError(f"--data {root} looks like VisA but {root.parent}/split_csv/1cls.csv is missing")
+        return "visa"
+    raise UserError(f"--data {root} is neither an MVTec AD category (train/good, test/<defect>, "
+                    f"ground_truth/<defect>) nor a VisA object (Data/Images next to ../split_csv/1cls.csv)")
+
+
+def _images_in(folder):
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def list_samples(data, split):
+    """The samples of one split ('train' or 'test') of a category, in a fixed (sorted) order."""
+    root = Path(data)
+    layout = detect_layout(root)
+    samples = _list_visa(root, split) if layout == "visa" else _list_mvtec(root, split)
+    if not samples:
+        where = root / "train" / "good" if layout == "mvtec" and split == "train" else root
+        raise UserError(f"no {split} images found in {where}")
+    return samples
+
+
+def _list_mvtec(root, split):
+    if split == "train":
+        good = root / "train" / "good"
+        if not good.is_dir():
+            raise UserError(f"{root} has no train/good folder of normal training images")
+        return [Sample(str(p), None, 0, "good") for p in _images_in(good)]
+    test, gt = root / "test", root / "ground_truth"
+    if not test.is_dir():
+        raise UserError(f"{root} has no test folder")
+    samples = []
+    for defect in sorted(d.name for d in test.iterdir() if d.is_dir()):
+        for p in _images_in(test / defect):
+            if defect == "good":
+                samples.append(Sample(str(p), None, 0, defect))
+                continue
+            mask = gt / defect / f"{p.stem}_mask.png"
+            if not mask.is_file():
+                raise UserError(f"anomalous test image {p} has no mask (expected {mask})")
+            samples.append(Sample(str(p), str(mask), 1, defect))
+    # a mask without its image means a broken copy of the dataset: say which file
+    images = {(s.defect, Path(s.path).stem) for s in samples}
+    for m in sorted(gt.glob("*/*")) if gt.is_dir() else []:
+        if m.suffix.lower() in IMAGE_EXTS and (m.parent.name, m.stem.removesuffix("_mask")) not in images:
+            raise UserError(f"mask {m} has no image (expected test/{m.parent.name}/{m.stem.removesuffix('_mask')}.*)")
+    return samples
+
+
+def _list_visa(root, split):
+    csv_path = root.parent / "split_csv" / "1cls.csv"
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("object") == root.name and r.get("split") == split]
+    samples = []
+    for r in rows:
+        path = root.parent / r["image"]
+        if not path.is_file():
+            raise UserError(f"{csv_path} lists {r['image']} but {path} does not exist")
+        label = int(r["label"] in ("anomaly", "1", "bad"))
+        mask = root.parent / r["mask"] if r.get("mask") else None
+        if label and (mask is None or not mask.is_file()):
+            raise UserError(f"anomalous test image {path} has no mask (expected {mask})")
+        samples.append(Sample(str(path), str(mask) if label else None, label, "anomaly" if label else "good"))
+    listed = {str(Path(s.mask).resolve()) for s in samples if s.mask}
+    masks = root / "Data" / "Masks" / "Anomaly"
+    if split == "test" and masks.is_dir():
+        for m in sorted(masks.iterdir()):
+            if m.suffix.lower() in IMAGE_EXTS and str(m.resolve()) not in listed:
+                raise UserError(f"mask {m} has no image in the test split of {csv_path}")
+    return samples
+
+
+def read_image(path, size):
+    """Any PIL mode (L, RGB, RGBA, P, 16-bit, ...) -> (size, size, 3) uint8 RGB, bilinear resize."""
+    with Image.open(path) as im:
+        im.load()  # raises on truncated files
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            a = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else (255.0 if a.max() > 1 else 1.0)
+            im = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
+        elif im.mode == "P":
+            im = im.convert("RGBA")
+        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def read_mask(path, size):
+    """Mask file -> (size, size) bool, nearest resize, binarised at > 0."""
+    with Image.open(path) as im:
+        im.load()
+        a = np.asarray(im.convert("L") if im.mode not in ("I", "I;16", "F", "L") else im)
+        m = Image.fromarray((a > 0).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+        return np.asarray(m) > 0
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (M, 3, H, W) uint8
+    masks: torch.Tensor  # (M, 1, H, W) bool, all False for normal images
+    labels: torch.Tensor  # (M,) int64
+    samples: list  # the Sample of each row
+
+    def __len__(self):
+        return len(self.samples)
+
+
+def _decode(sample, size):
+    try:
+        img = read_image(sample.path, size)
+        mask = read_mask(sample.mask, size) if sample.mask else np.zeros((size, size), bool)
+    except (OSError, SyntaxError, ValueError) as e:
+        warn(f"skipping unreadable file for {sample.path}: {e}")
+        return None
+    return img, mask
+
+
+@lru_cache(maxsize=8)
+def load_split(data, split, image_size, workers=4):
+    """Decode a split once (threads) into memory; later calls in the same process hit the cache."""
+    samples = list_samples(data, split)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        decoded = list(pool.map(lambda s: _decode(s, image_size), samples))
+    keep = [i for i, d in enumerate(decoded) if d is not None]
+    if not keep:
+        raise UserError(f"none of the {len(samples)} {split} images in {data} could be read")
+    images = torch.from_numpy(np.stack([decoded[i][0] for i in keep])).permute(0, 3, 1, 2).contiguous()
+    masks = torch.from_numpy(np.stack([decoded[i][1] for i in keep]))[:, None]
+    labels = torch.tensor([samples[i].label for i in keep])
+    return Split(images, masks, labels, [samples[i] for i in keep])
+
+
+def holdout_indices(n, frac):
+    """A fixed, evenly spread part of train/good for threshold calibration: (train_idx, holdout_idx).
+
+    Evenly spread over the sorted file list rather than random, so it does not depend on the seed and
+    covers the whole acquisition sequence. Every stage trains on train_idx only."""
+    m = 0 if frac <= 0 or n < 2 else min(n - 1, max(1, round(n * frac)))
+    hold = sorted(set(np.linspace(0, n - 1, m).round().astype(int).tolist())) if m else []
+    train = [i for i in range(n) if i not in set(hold)]
+    return train, hold
+
+
+def train_images(args):
+    """The uint8 (M, 3, H, W) training images of a stage: train/good minus the calibration holdout."""
+    split = load_split(args.data, "train", args.image_size, args.workers)
+    idx, _ = holdout_indices(len(split), args.holdout)
+    return split.images[idx]
+
+
+def to_float(x):
+    """uint8 (..., C, H, W) -> float32 in [0, 1]."""
+    return x.float().div_(255)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _blob(size, coverage, gen):
+    """An irregular region covering `coverage` of a size x size block: thresholded smooth noise."""
+    noise = torch.rand(1, 1, 4, 4, generator=gen)
+    field = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)[0, 0]
+    return field >= torch.quantile(field.flatten(), 1.0 - coverage)
+
+
+def _crack(h, w, y, x, scale, gen):
+    """1-4 connected random line segments of 50-150 px (at 1024 px, scaled) from (y, x): a crack."""
+    pts = []
+    angle = float(torch.rand(1, generator=gen)) * 2 * math.pi
+    for _ in range(int(torch.randint(1, 5, (1,), generator=gen))):
+        length = (50 + 100 * float(torch.rand(1, generator=gen))) * scale
+        angle += (float(torch.rand(1, generator=gen)) - 0.5) * math.pi / 1.5  # bends like a crack
+        t = torch.linspace(0, 1, max(2, int(length * 2)))
+        pts.append(torch.stack([y + t * length * math.sin(angle), x + t * length * math.cos(angle)], 1))
+        y, x = pts[-1][-1].tolist()
+    p = torch.cat(pts).round().long()
+    p = p[(p[:, 0] >= 0) & (p[:, 0] < h) & (p[:, 1] >= 0) & (p[:, 1] < w)]
+    line = torch.zeros(1, 1, h, w)
+    line[0, 0, p[:, 0], p[:, 1]] = 1
+    k = max(1, round((2 + 6 * float(torch.rand(1, generator=gen))) * scale)) | 1  # 2-8 px at 1024, odd
+    return F.max_pool2d(line, k, 1, k // 2)[0, 0] > 0  # thicken the 1-px line
+
+
+def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=1024):
+    """Paste pseudo anomalies into one image (paper, "Training Strategy"; DESIGN.md).
+
+    img: (C, H, W) float in [0, 1]; gen: torch.Generator, the only source of randomness.
+    Each of 1..max_blocks random blocks of 32, 64 or 128 px (sizes for 1024 px input, scaled with H)
+    gets one of: a random colour blended over a region covering 0-100% of the block, a copy of another
+    block of the same image pasted over such a region, or a crack of 1-4 lines of 50-150 px (scaled).
+    Returns (image (C, H, W), mask (1, H, W) float): the mask marks exactly the pixels that changed.
+    """
+    c, h, w = img.shape
+    scale = h / base_size
+    out, region = img.clone(), torch.zeros(h, w, dtype=torch.bool)
+    for _ in range(int(torch.randint(1, max_blocks + 1, (1,), generator=gen))):
+        s = min(h, w, max(4, round(block_sizes[int(torch.randint(len(block_sizes), (1,), generator=gen))] * scale)))
+        y = int(torch.randint(0, h - s + 1, (1,), generator=gen))
+        x = int(torch.randint(0, w - s + 1, (1,), generator=gen))
+        kind = int(torch.randint(3, (1,), generator=gen))
+        if kind == 2:  # crack-like random lines, drawn in one random colour
+            m = _crack(h, w, y + s / 2, x + s / 2, scale, gen)
+            out[:, m] = torch.rand(c, 1, generator=gen)
+            region |= m
+            continue
+        coverage = 0.05 + 0.95 * float(torch.rand(1, generator=gen))
+        m = _blob(s, coverage, gen)
+        block = out[:, y:y + s, x:x + s]
+        if kind == 0:  # random colour block, blended
+            alpha = 0.5 + 0.5 * float(torch.rand(1, generator=gen))
+            patch = (1 - alpha) * block + alpha * torch.rand(c, 1, 1, generator=gen)
+        else:  # copy & paste a patch from elsewhere in the same image
+            sy = int(torch.randint(0, h - s + 1, (1,), generator=gen))
+            sx = int(torch.randint(0, w - s + 1, (1,), generator=gen))
+            patch = img[:, sy:sy + s, sx:sx + s]
+        block[:, m] = patch[:, m]
+        region[y:y + s, x:x + s] |= m
+    changed = (out != img).any(0)
+    return out, (region & changed)[None].float()
+
+
+def augment_batch(x, gen, prob):
+    """Pseudo anomalies on each image of a batch with probability `prob`.
+
+    x: (B, C, H, W) float in [0, 1] -> (images (B, C, H, W), masks (B, 1, H, W))."""
+    out, masks = x.clone(), torch.zeros_like(x[:, :1])
+    for i in range(len(x)):
+        if float(torch.rand(1, generator=gen)) < prob:
+            out[i], masks[i] = pseudo_anomaly(x[i], gen)
+    return out, masks
+
+
+def topk_mean(maps, frac):
+    """Image score: the mean of the top `frac` of each map's pixels (paper: "averaging the top-k pixel
+    scores", k not given). maps (B, 1, H, W) or (B, H, W) -> (B,)."""
+    flat = maps.reshape(len(maps), -1)
+    k = max(1, round(frac * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+# ----------------------------------------------------------------------------- gradient
+
+
+def grad(x):
+    """First-order gradient I' of Eq. (5), (6), (7), (9): forward differences, zero past the border.
+
+    (B, C, H, W) -> (B, 2C, H, W) as [d/dx, d/dy]."""
+    dx = F.pad(x[..., :, 1:] - x[..., :, :-1], (0, 1, 0, 0))  # (B, C, H, W)
+    dy = F.pad(x[..., 1:, :] - x[..., :-1, :], (0, 0, 0, 1))  # (B, C, H, W)
+    return torch.cat([dx, dy], dim=1)
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+def add_shared_args(p, **defaults):
+    """The flags every stage shares (names fixed: later stages, evaluate and the checks rely on them).
+
+    `defaults` overrides per stage; None means "inherit from the upstream checkpoint"."""
+    d = dict(image_size=1024, epochs=100, batch_size=8, lr=1e-4, depth=5, holdout=0.1)
+    d.update(defaults)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="category folder: MVTec AD (e.g. mvtec/bottle) or VisA (visa/candle)")
+    g.add_argument("--out", default=None, help="output folder (default: runs/<parent>/<category>)")
+    g.add_argument("--image_size", type=int, default=d["image_size"], help="square input size (paper: 1024)")
+    g.add_argument("--holdout", type=float, default=d["holdout"],
+                   help="fraction of train/good kept out of training to calibrate the image threshold")
+    g.add_argument("--workers", type=int, default=2, help="threads decoding images, and batch-making workers")
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, default=d["depth"], help="recursion depth N (paper: 5)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d["epochs"], help="passes over train/good")
+    g.add_argument("--max_steps", type=int, default=None, help="cap on optimiser steps (quick runs)")
+    g.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per step (paper: not given)")
+    g.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (paper: 1e-4, betas 0.9/0.999, eps 1e-8)")
+    g = p.add_argument_group("runtime / io")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, batches and augmentation")
+    g.add_argument("--amp", type=int, default=1, help="bf16 autocast on CUDA (1/0); ignored on CPU")
+    g.add_argument("--compile", type=int, default=0, help="torch.compile the trained network (1/0)")
+    g.add_argument("--save_every", type=int, default=500, help="checkpoint every this many steps")
+    g.add_argument("--log_every", type=int, default=10, help="log the loss parts every this many steps")
+    g.add_argument("--overwrite", action="store_true", help="start over even if <out> has a checkpoint")
+    return p
+
+
+def default_out(data):
+    """runs/<parent>/<category>: mvtec/bottle -> runs/mvtec/bottle."""
+    p = Path(data).resolve()
+    return str(Path("runs") / p.parent.name / p.name)
+
+
+def finish_args(args):
+    """Validate the shared flags and fill derived ones; returns args."""
+    if args.out is None:
+        args.out = default_out(args.data)
+    if args.depth is not None and args.depth < 1:
+        raise UserError(f"--depth must be >= 1 (got {args.depth})")
+    if args.image_size is not None and args.depth is not None:
+        check_size(args.image_size, args.depth)
+    for k in ("epochs", "batch_size"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise UserError(f"--max_steps must be >= 0 (got {args.max_steps})")
+    if args.holdout is not None and not 0 <= args.holdout < 1:
+        raise UserError(f"--holdout must be in [0, 1) (got {args.holdout})")
+    return args
+
+
+def check_size(image_size, depth):
+    k = 2 ** depth
+    if image_size < k or image_size % k:
+        ok = max(k, round(image_size / k) * k)
+        raise UserError(f"--image_size {image_size} cannot be halved {depth} times (--depth {depth}): "
+                        f"use a multiple of {k}, e.g. {ok}")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return dev
+
+
+def autocast(device, enabled=True):
+    """The one AMP pattern: bf16 autocast on CUDA, a no-op elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(enabled) and device.type == "cuda")
+
+
+def plain(d):
+    """argparse namespace / dict -> dict of plain types (weights_only-loadable)."""
+    d = vars(d) if isinstance(d, argparse.Namespace) else dict(d)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def save_checkpoint(path, stage, model, model_config, args, step, **extra):
+    """Atomic write of the self-describing checkpoint of STYLE.md rule 7 (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ck = dict(stage=stage, model=model.state_dict(), model_config=plain(model_config), args=plain(args),
+              step=step, version=VERSION, **extra)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(ck, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, stage, hint=""):
+    """Load a checkpoint (tensors and plain types only) and check it is from `stage`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no {stage} checkpoint at {path}" + (f": run `{hint}` first" if hint else ""))
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: say which, not where in torch it broke
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or ck.get("stage") != stage:
+        got = ck.get("stage") if isinstance(ck, dict) else type(ck).__name__
+        raise UserError(f"{path} is a '{got}' checkpoint, expected '{stage}'" + (f" (made by `{hint}`)" if hint else ""))
+    if ck.get("version") != VERSION:
+        raise UserError(f"{path} has checkpoint format version {ck.get('version')}, this code reads {VERSION}")
+    return ck
+
+
+def build_from_checkpoint(ck, model_cls, config_cls):
+    """Rebuild a model from its checkpoint alone (no flags needed)."""
+    names = {f.name for f in fields(config_cls)}
+    model = model_cls(config_cls(**{k: v for k, v in ck["model_config"].items() if k in names}))
+    model.load_state_dict(ck["model"])
+    return model
+
+
+def freeze(model):
+    """Upstream stages pass forward frozen: eval mode, no gradients."""
+    return model.eval().requires_grad_(False)
+
+
+def inherit(args, upstream, keys, source):
+    """None = inherit the upstream value; an explicit different value is refused (nanochat's rule)."""
+    for k in keys:
+        mine, up = getattr(args, k), upstream[k]
+        if mine is None:
+            setattr(args, k, up)
+        elif mine != up:
+            raise UserError(f"--{k} {mine} conflicts with {source} (trained with {k}={up}): drop --{k} "
+                            f"to inherit it, or retrain that stage with --{k} {mine}")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+class Batches(torch.utils.data.Dataset):
+    """Item i is the batch of optimiser step start + i, a pure function of (seed, step).
+
+    Images are drawn as one stream of per-epoch permutations, so a resumed run sees exactly the batches
+    the interrupted one would have, and any number of workers gives the same data."""
+
+    def __init__(self, images, batch_size, seed, start, total, make_batch):
+        self.images, self.bs, self.seed = images, batch_size, seed
+        self.start, self.total, self.make_batch = start, total, make_batch
+
+    def __len__(self):
+        return self.total - self.start
+
+    def _perm(self, epoch):
+        return torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def __getitem__(self, i):
+        step, m = self.start + i, len(self.images)
+        pos = torch.arange(step * self.bs, (step + 1) * self.bs)
+        idx = torch.cat([self._perm(e)[pos[pos // m == e] % m] for e in (pos // m).unique().tolist()])
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step + 1)
+        return self.make_batch(to_float(self.images[idx]), gen)  # dict of CPU tensors
+
+
+def total_steps(args, n_images):
+    steps = args.epochs * math.ceil(n_images / args.batch_size)
+    return steps if args.max_steps is None else min(steps, args.max_steps)
+
+
+def _config_diff(a, b):
+    return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
+def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt_path, extra=None):
+    """The one training loop of all stages.
+
+    images: (M, C, H, W) uint8 training images; make_batch(x (B, C, H, W) float, gen) -> dict of
+    tensors; loss_fn(batch on device) -> (total, parts dict). Adam with the paper's settings.
+    Resumes from ckpt_path when it holds an unfinished run with the same model_config. Stops on a
+    non-finite loss, keeping the last good checkpoint. Returns the final checkpoint dict."""
+    device = get_device(args.device)
+    model.to(device)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                           betas=(0.9, 0.999), eps=1e-8)  # paper, "Training Setup"
+    total, start = total_steps(args, len(images)), 0
+    cfg = plain(model_config)
+    if Path(ckpt_path).is_file() and not args.overwrite:
+        ck = load_checkpoint(ckpt_path, stage)
+        if ck["model_config"] != cfg:
+            raise UserError(f"{ckpt_path} was trained with other settings ({_config_diff(ck['model_config'], cfg)}): "
+                            f"pass --overwrite to start over, or another --out")
+        model.load_state_dict(ck["model"])
+        if ck["step"] >= total:
+            print(f"{stage}: {ckpt_path} is already trained ({ck['step']} steps); nothing to do "
+                  f"(raise --epochs/--max_steps to continue, --overwrite to start over)")
+            return ck
+        if "optimizer" in ck:
+            opt.load_state_dict(ck["optimizer"])
+        start = ck["step"]
+        print(f"{stage}: resuming from step {start} of {total} ({ckpt_path})")
+    extra = dict(extra or {})
+    net = torch.compile(model) if args.compile else model
+
+    def save(step):
+        save_checkpoint(ckpt_path, stage, model, cfg, args, step, optimizer=opt.state_dict(),
+                        total_steps=total, **extra)
+
+    from tqdm import tqdm
+    loader = torch.utils.data.DataLoader(
+        Batches(images, args.batch_size, args.seed, start, total, make_batch), batch_size=None,
+        num_workers=args.workers if len(images) else 0, pin_memory=device.type == "cuda",
+        persistent_workers=False)
+    log_path = Path(ckpt_path).with_suffix(".log.jsonl")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=(total - start) * args.batch_size, unit="img", desc=stage, dynamic_ncols=True,
+               disable=None)
+    model.train()
+    t0, step = time.time(), start
+    with open(log_path, "a") as log:
+        log.write(json.dumps({"start_step": start, "total_steps": total, "args": plain(args)}) + "\n")
+        for step, batch in enumerate(loader, start=start + 1):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast(device, args.amp):
+                loss, parts = loss_fn(net, batch)
+            if not torch.isfinite(loss):
+                bar.close()
+                kept = f"the last good checkpoint is kept at {ckpt_path}" if Path(ckpt_path).is_file() \
+                    else "no checkpoint was written"
+                raise UserError(f"{stage}: loss is {loss.item()} at step {step}; stopped, {kept}. "
+                                f"Lower --lr (now {args.lr}) and run again")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(args.batch_size)
+            if step % args.log_every == 0 or step == total:
+                parts = {k: round(float(v), 6) for k, v in parts.items()}
+                bar.set_postfix(step=step, loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in parts.items()})
+                log.write(json.dumps({"step": step, "loss": loss.item(), **parts,
+                                      "img_per_s": round((step - start) * args.batch_size / (time.time() - t0), 2)}) + "\n")
+                log.flush()
+            if step % args.save_every == 0 and step < total:
+                save(step)
+    bar.close()
+    save(step)
+    print(f"{stage}: {step} steps in {time.time() - t0:.0f}s -> {ckpt_path}")
+    return load_checkpoint(ckpt_path, stage)
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def _synthetic_normal(size, gen):
+    """A regular texture (woven grid + soft shading + noise) that an autoencoder can learn."""
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    period = size / 8
+    phase = torch.rand(2, generator=gen) * 0.3 * period
+    weave = 0.5 + 0.25 * torch.sin(2 * math.pi * (xx + phase[0]) / period) * torch.sin(2 * math.pi * (yy + phase[1]) / period)
+    shade = 0.1 * (xx + yy) / (2 * size)
+    base = torch.tensor([0.55, 0.45, 0.35])[:, None, None]
+    img = base * (weave + shade)[None] + 0.02 * torch.randn(3, size, size, generator=gen)
+    return img.clamp(0, 1)
+
+
+def _synthetic_defect(img, gen):
+    """A dark stain or a bright scratch: returns (image, mask)."""
+    _, size, _ = img.shape
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    cy, cx = (0.2 + 0.6 * torch.rand(2, generator=gen)) * size
+    if float(torch.rand(1, generator=gen)) < 0.5:
+        r = size * (0.06 + 0.08 * float(torch.rand(1, generator=gen)))
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2
+        colour = torch.tensor([0.1, 0.1, 0.15])[:, None]
+    else:
+        a = float(torch.rand(1, generator=gen)) * math.pi
+        d = (yy - cy) * math.cos(a) - (xx - cx) * math.sin(a)
+        along = (yy - cy) * math.sin(a) + (xx - cx) * math.cos(a)
+        mask = (d.abs() < max(1.0, size / 64)) & (along.abs() < size * 0.25)
+        colour = torch.tensor([0.95, 0.95, 0.9])[:, None]
+    out = img.clone()
+    out[:, mask] = colour
+    return out, mask
+
+
+def _save_png(t, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    a = t if t.dtype == torch.bool else (t.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0)
+    Image.fromarray(a.numpy().astype(np.uint8) * (255 if t.dtype == torch.bool else 1)).save(path)
+
+
+def make_synthetic_category(out, size=128, n_train=40, n_test_good=8, n_test_bad=8, seed=0, layout="mvtec",
+                            name="toy"):
+    """Write a small synthetic category; returns the path to pass as --data.
+
+    layout 'mvtec': <out>/{train/good, test/good, test/defect, ground_truth/defect}.
+    layout 'visa':  <out>/<name>/Data/{Images/{Normal,Anomaly}, Masks/Anomaly} + <out>/split_csv/1cls.csv."""
+    out, gen = Path(out), torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n_train + n_test_good + n_test_bad):
+        img = _synthetic_normal(size, gen)
+        split = "train" if i < n_train else "test"
+        bad = i >= n_train + n_test_good
+        mask = None
+        if bad:
+            img, mask = _synthetic_defect(img, gen)
+        stem = f"{i:03d}"
+        if layout == "mvtec":
+            folder = "train/good" if split == "train" else ("test/defect" if bad else "test/good")
+            _save_png(img, out / folder / f"{stem}.png")
+            if bad:
+                _save_png(mask, out / "ground_truth" / "defect" / f"{stem}_mask.png")
+        else:
+            kind = "Anomaly" if bad else "Normal"
+            image_rel = f"{name}/Data/Images/{kind}/{stem}.JPG"
+            _save_png(img, out / image_rel)
+            mask_rel = f"{name}/Data/Masks/Anomaly/{stem}.png" if bad else ""
+            if bad:
+                _save_png(mask, out / mask_rel)
+            rows.append(dict(object=name, split=split, label="anomaly" if bad else "normal", image=image_rel,
+                             mask=mask_rel))
+    if layout == "visa":
+        (out / "split_csv").mkdir(parents=True, exist_ok=True)
+        with open(out / "split_csv" / "1cls.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["object", "split", "label", "image", "mask"])
+            w.writeheader()
+            w.writerows(rows)
+        return str(out / name)
+    return str(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Shared RcAE plumbing; `synth` writes a synthetic category.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synth", help="write a small synthetic MVTec-layout (or VisA-layout) category")
+    s.add_argument("--out", default="data/toy", help="folder to write (the --data of the stages)")
+    s.add_argument("--size", type=int, default=128, help="image size in pixels")
+    s.add_argument("--n_train", type=int, default=60, help="normal training images")
+    s.add_argument("--n_test", type=int, default=20, help="test images of each kind (good, defect)")
+    s.add_argument("--layout", choices=["mvtec", "visa"], default="mvtec", help="folder layout")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    a = p.parse_args(argv)
+    path = make_synthetic_category(a.out, a.size, a.n_train, a.n_test, a.n_test, a.seed, a.layout)
+    print(f"wrote a synthetic category: --data {path}")
+
+
+if __name__ == "__main__":
+    run_main(main)
