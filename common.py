@@ -220,11 +220,12 @@ def holdout_indices(n, frac):
     return train, hold
 
 
-def train_images(args):
-    """The uint8 (M, 3, H, W) training images of a stage: train/good minus the calibration holdout."""
+def train_images(args, part="train"):
+    """uint8 (M, 3, H, W) images of train/good: part 'train' (what every stage trains on) or 'holdout'
+    (kept out of all training, for threshold calibration)."""
     split = load_split(args.data, "train", args.image_size, args.workers)
-    idx, _ = holdout_indices(len(split), args.holdout)
-    return split.images[idx]
+    train, hold = holdout_indices(len(split), args.holdout)
+    return split.images[train if part == "train" else hold]
 
 
 def to_float(x):
