@@ -333,10 +333,11 @@ def grad(x):
 # ----------------------------------------------------------------------------- runtime
 
 
-def add_shared_args(p, **defaults):
+def add_shared_args(p, recursion=True, **defaults):
     """The flags every stage shares (names fixed: later stages, evaluate and the checks rely on them).
 
-    `defaults` overrides per stage; None means "inherit from the upstream checkpoint"."""
+    `defaults` overrides per stage; None means "inherit from the upstream checkpoint". recursion=False
+    leaves out --depth (the FAIR baseline has no recursion)."""
     d = dict(image_size=1024, epochs=100, batch_size=8, lr=1e-4, depth=5, holdout=0.1)
     d.update(defaults)
     g = p.add_argument_group("data")
@@ -346,8 +347,9 @@ def add_shared_args(p, **defaults):
     g.add_argument("--holdout", type=float, default=d["holdout"],
                    help="fraction of train/good kept out of training to calibrate the image threshold")
     g.add_argument("--workers", type=int, default=2, help="threads decoding images, and batch-making workers")
-    g = p.add_argument_group("model")
-    g.add_argument("--depth", type=int, default=d["depth"], help="recursion depth N (paper: 5)")
+    if recursion:
+        g = p.add_argument_group("model")
+        g.add_argument("--depth", type=int, default=d["depth"], help="recursion depth N (paper: 5)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d["epochs"], help="passes over train/good")
     g.add_argument("--max_steps", type=int, default=None, help="cap on optimiser steps (quick runs)")
@@ -374,10 +376,11 @@ def finish_args(args):
     """Validate the shared flags and fill derived ones; returns args."""
     if args.out is None:
         args.out = default_out(args.data)
-    if args.depth is not None and args.depth < 1:
-        raise UserError(f"--depth must be >= 1 (got {args.depth})")
-    if args.image_size is not None and args.depth is not None:
-        check_size(args.image_size, args.depth)
+    depth = getattr(args, "depth", None)
+    if depth is not None and depth < 1:
+        raise UserError(f"--depth must be >= 1 (got {depth})")
+    if args.image_size is not None:
+        check_size(args.image_size, depth or 0)
     for k in ("epochs", "batch_size"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
@@ -433,11 +436,14 @@ def save_checkpoint(path, stage, model, model_config, args, step, **extra):
     ck = dict(stage=stage, model=model.state_dict(), model_config=plain(model_config), args=plain(args),
               step=step, version=VERSION, **extra)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(ck, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ck, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, stage, hint=""):
@@ -517,11 +523,12 @@ def _config_diff(a, b):
     return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
-def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt_path, extra=None):
+def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt_path, extra=None, lr_at=None):
     """The one training loop of all stages.
 
     images: (M, C, H, W) uint8 training images; make_batch(x (B, C, H, W) float, gen) -> dict of
-    tensors; loss_fn(batch on device) -> (total, parts dict). Adam with the paper's settings.
+    tensors; loss_fn(net, batch on device) -> (total, parts dict). Adam with the paper's settings;
+    lr_at(step, total) -> learning-rate multiplier (default constant, as in RcAE).
     Resumes from ckpt_path when it holds an unfinished run with the same model_config. Stops on a
     non-finite loss, keeping the last good checkpoint. Returns the final checkpoint dict."""
     device = get_device(args.device)
@@ -574,6 +581,9 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
                     else "no checkpoint was written"
                 raise UserError(f"{stage}: loss is {loss.item()} at step {step}; stopped, {kept}. "
                                 f"Lower --lr (now {args.lr}) and run again")
+            if lr_at is not None:
+                for group in opt.param_groups:
+                    group["lr"] = args.lr * lr_at(step - 1, total)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

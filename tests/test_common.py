@@ -1,0 +1,262 @@
+"""common.py: loaders (MVTec, VisA, image modes), bad input, pseudo anomalies, grad, checkpoints."""
+import csv
+import shutil
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from common import UserError
+
+
+def make_mvtec(root, n_train=3, size=32, mode="RGB"):
+    """A minimal MVTec-layout folder with images of a given PIL mode."""
+    rng = np.random.default_rng(0)
+    for folder, n in [("train/good", n_train), ("test/good", 2), ("test/crack", 2)]:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            a = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(a).convert(mode).save(root / folder / f"{i:03d}.png")
+    (root / "ground_truth/crack").mkdir(parents=True)
+    for i in range(2):
+        m = np.zeros((size, size), np.uint8)
+        m[4:10, 4:10] = 255
+        Image.fromarray(m).save(root / "ground_truth/crack" / f"{i:03d}_mask.png")
+    return root
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_mvtec_layout(toy_data):
+    train = common.load_split(toy_data, "train", 32, 0)
+    test = common.load_split(toy_data, "test", 32, 0)
+    assert train.images.shape == (24, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert len(test) == 12 and test.labels.sum() == 6
+    assert test.masks.shape == (12, 1, 32, 32) and test.masks.dtype == torch.bool
+    assert not test.masks[test.labels == 0].any() and test.masks[test.labels == 1].any()
+
+
+def test_visa_layout(toy_visa):
+    assert common.detect_layout(toy_visa) == "visa"
+    train = common.load_split(toy_visa, "train", 32, 0)
+    test = common.load_split(toy_visa, "test", 32, 0)
+    assert len(train) == 12 and len(test) == 8 and test.labels.tolist().count(1) == 4
+    assert test.masks[test.labels == 1].any()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
+def test_image_modes_become_rgb(tmp_path, mode):
+    path = tmp_path / "x.png"
+    a = np.linspace(0, 1, 16 * 16).reshape(16, 16)
+    if mode == "I;16":
+        Image.fromarray((a * 65535).astype(np.uint16)).save(path)
+    else:
+        Image.fromarray((a * 255).astype(np.uint8)).convert("RGB").convert(mode).save(path)
+    img = common.read_image(path, 8)
+    assert img.shape == (8, 8, 3) and img.dtype == np.uint8
+    assert img.max() > 200 and img.min() < 60  # the full range survives, 16-bit included
+
+
+def test_grayscale_and_rgba_categories_load(tmp_path):
+    for mode in ("L", "RGBA"):
+        split = common.load_split(str(make_mvtec(tmp_path / mode, mode=mode)), "train", 16, 0)
+        assert split.images.shape == (3, 3, 16, 16)
+
+
+def test_masks_binarised(tmp_path):
+    m = np.zeros((8, 8), np.uint8)
+    m[2:4, 2:4] = 1  # VisA masks use small label values
+    Image.fromarray(m).save(tmp_path / "m.png")
+    assert common.read_mask(tmp_path / "m.png", 8).sum() == 4
+
+
+def test_split_is_cached(toy_data):
+    assert common.load_split(toy_data, "train", 16, 0) is common.load_split(toy_data, "train", 16, 0)
+
+
+def test_holdout_is_fixed_and_disjoint():
+    train, hold = common.holdout_indices(50, 0.1)
+    assert len(hold) == 5 and not set(train) & set(hold) and len(train) + len(hold) == 50
+    assert common.holdout_indices(50, 0.1) == (train, hold)
+    assert common.holdout_indices(10, 0.0) == (list(range(10)), [])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        common.list_samples(str(tmp_path / "nope"), "train")
+
+
+def test_not_a_dataset(tmp_path):
+    (tmp_path / "cat" / "images").mkdir(parents=True)
+    with pytest.raises(UserError, match="neither an MVTec AD category"):
+        common.list_samples(str(tmp_path / "cat"), "train")
+
+
+def test_no_training_images(tmp_path):
+    root = make_mvtec(tmp_path / "c", n_train=0)
+    with pytest.raises(UserError, match="no train images"):
+        common.list_samples(str(root), "train")
+
+
+def test_mask_without_image(tmp_path):
+    root = make_mvtec(tmp_path / "c")
+    shutil.copy(root / "ground_truth/crack/000_mask.png", root / "ground_truth/crack/007_mask.png")
+    with pytest.raises(UserError, match=r"mask .*007_mask.png has no image"):
+        common.list_samples(str(root), "test")
+
+
+def test_anomalous_image_without_mask(tmp_path):
+    root = make_mvtec(tmp_path / "c")
+    (root / "ground_truth/crack/001_mask.png").unlink()
+    with pytest.raises(UserError, match=r"001.png has no mask"):
+        common.list_samples(str(root), "test")
+
+
+def test_visa_without_csv(toy_visa, tmp_path):
+    shutil.copytree(toy_visa, tmp_path / "toy")
+    with pytest.raises(UserError, match="split_csv/1cls.csv is missing"):
+        common.detect_layout(tmp_path / "toy")
+
+
+def test_truncated_image_is_skipped_with_its_name(tmp_path, capsys):
+    root = make_mvtec(tmp_path / "c", n_train=3)
+    bad = root / "train/good/001.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    split = common.load_split(str(root), "train", 16, 0)
+    assert len(split) == 2
+    assert "001.png" in capsys.readouterr().err
+
+
+def test_all_images_unreadable(tmp_path):
+    root = make_mvtec(tmp_path / "c", n_train=2)
+    for p in (root / "train/good").iterdir():
+        p.write_bytes(b"not an image")
+    with pytest.raises(UserError, match="could be read"):
+        common.load_split(str(root), "train", 16, 0)
+
+
+@pytest.mark.parametrize("size,depth,ok", [(256, 5, True), (96, 5, True), (100, 5, False), (16, 5, False), (64, 0, False)])
+def test_size_and_depth_checks(size, depth, ok):
+    args = Namespace(out="x", data="x", depth=depth, image_size=size, epochs=1, batch_size=1, max_steps=None, holdout=0.1)
+    if ok:
+        common.finish_args(args)
+    else:
+        with pytest.raises(UserError, match="--depth must be|cannot be halved"):
+            common.finish_args(args)
+
+
+# ----------------------------------------------------------------------------- augmentation, grad
+
+
+def test_pseudo_anomaly_mask_is_exact_and_reproducible():
+    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for seed in range(25):
+        out, mask = common.pseudo_anomaly(img, torch.Generator().manual_seed(seed))
+        assert out.shape == img.shape and mask.shape == (1, 64, 64)
+        assert out.min() >= 0 and out.max() <= 1
+        assert torch.equal(mask[0] > 0, (out != img).any(0))  # exactly the changed pixels
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        again = common.pseudo_anomaly(img, torch.Generator().manual_seed(seed))
+        assert torch.equal(out, again[0]) and torch.equal(mask, again[1])
+    a = common.pseudo_anomaly(img, torch.Generator().manual_seed(0))[1]
+    b = common.pseudo_anomaly(img, torch.Generator().manual_seed(1))[1]
+    assert not torch.equal(a, b)
+
+
+def test_pseudo_anomaly_sizes_scale_with_image():
+    def mean_area(size):
+        img = torch.rand(3, size, size)
+        return np.mean([common.pseudo_anomaly(img, torch.Generator().manual_seed(s))[1].mean() for s in range(30)])
+    # the same fraction of the image at 128 and 512 px (block sizes scale with H / 1024)
+    assert 0.3 < mean_area(128) / mean_area(512) < 3
+
+
+def test_augment_batch_probability():
+    x = torch.rand(8, 3, 32, 32)
+    out, masks = common.augment_batch(x, torch.Generator().manual_seed(0), prob=0.0)
+    assert torch.equal(out, x) and masks.sum() == 0
+    out, masks = common.augment_batch(x, torch.Generator().manual_seed(0), prob=1.0)
+    assert (masks.flatten(1).sum(1) > 0).all()
+
+
+def test_grad_operator():
+    x = torch.zeros(1, 1, 4, 4)
+    x[..., :, 2:] = 1  # a vertical edge between columns 1 and 2
+    g = common.grad(x)
+    assert g.shape == (1, 2, 4, 4)
+    assert torch.equal(g[0, 0], torch.tensor([[0, 1.0, 0, 0]] * 4)) and g[0, 1].abs().sum() == 0
+    assert common.grad(torch.ones(2, 3, 5, 5)).abs().sum() == 0
+
+
+def test_topk_mean():
+    maps = torch.zeros(2, 1, 10, 10)
+    maps[0, 0, 0, :5] = 1
+    assert common.topk_mean(maps, 0.05).tolist() == [1.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_roundtrip_and_wrong_stage(tmp_path):
+    m = torch.nn.Linear(3, 2)
+    path = tmp_path / "a.pt"
+    common.save_checkpoint(path, "s1", m, {"w": 3}, Namespace(lr=0.1, t=(1, 2)), 7)
+    ck = common.load_checkpoint(path, "s1")
+    assert ck["step"] == 7 and ck["args"]["t"] == [1, 2] and torch.equal(ck["model"]["weight"], m.weight)
+    with pytest.raises(UserError, match="'s1' checkpoint, expected 's2'"):
+        common.load_checkpoint(path, "s2")
+    with pytest.raises(UserError, match="no s2 checkpoint .*run `python x.py` first"):
+        common.load_checkpoint(tmp_path / "none.pt", "s2", hint="python x.py")
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        common.load_checkpoint(tmp_path / "junk.pt", "s1")
+
+
+def test_interrupted_write_keeps_old_checkpoint(tmp_path, monkeypatch):
+    m = torch.nn.Linear(3, 2)
+    path = tmp_path / "a.pt"
+    common.save_checkpoint(path, "s1", m, {}, {}, 1)
+
+    def dies_midway(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, "s1", m, {}, {}, 2)
+    monkeypatch.undo()
+    assert common.load_checkpoint(path, "s1")["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temp file left behind
+
+
+def test_inherit_rule():
+    args = Namespace(depth=None, image_size=64)
+    common.inherit(args, {"depth": 3, "image_size": 64}, ["depth", "image_size"], "stage 1")
+    assert args.depth == 3
+    with pytest.raises(UserError, match="--image_size 128 conflicts with stage 1"):
+        common.inherit(Namespace(image_size=128), {"image_size": 64}, ["image_size"], "stage 1")
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    images = torch.arange(10, dtype=torch.uint8)[:, None, None, None].expand(10, 1, 2, 2).contiguous()
+    take = lambda x, gen: {"x": (x[:, 0, 0, 0] * 255).round().long()}  # noqa: E731
+    full = common.Batches(images, 4, 0, 0, 6, take)
+    seen = torch.cat([full[i]["x"] for i in range(5)])
+    assert sorted(seen[:10].tolist()) == list(range(10))  # epoch 1 visits every image once
+    resumed = common.Batches(images, 4, 0, 3, 6, take)
+    assert torch.equal(resumed[0]["x"], full[3]["x"])
+
+
+def test_synthetic_generator_cli(tmp_path):
+    common.main(["synth", "--out", str(tmp_path / "s"), "--size", "32", "--n_train", "4", "--n_test", "2"])
+    assert len(common.list_samples(str(tmp_path / "s"), "test")) == 4
+    common.main(["synth", "--out", str(tmp_path / "v"), "--size", "32", "--layout", "visa", "--n_train", "3", "--n_test", "1"])
+    rows = list(csv.DictReader(open(tmp_path / "v" / "split_csv" / "1cls.csv")))
+    assert {r["split"] for r in rows} == {"train", "test"}

@@ -1,0 +1,140 @@
+"""stage1_rcae.py: shapes, shared weights, gradients, Eq. (5), training, checkpoint, resume, NaN guard."""
+import json
+
+import pytest
+import torch
+from conftest import quick_args
+
+import common
+import stage1_rcae
+from stage1_rcae import Config, RcAE, recon_loss
+
+
+@pytest.mark.parametrize("size,depth", [(32, 1), (64, 3), (96, 5), (128, 5)])
+def test_shapes_every_depth(size, depth):
+    model = RcAE(Config(width=8, depth=depth, image_size=size))
+    x = torch.rand(2, 3, size, size)
+    codes = model.compress(x, depth)
+    assert [c.shape[-1] for c in codes] == [size // 2 ** i for i in range(1, depth + 1)]  # Eq. (3)
+    assert all(c.shape[1] == 3 for c in codes)  # the spaces X_i keep C channels
+    assert model(x, depth).shape == x.shape
+    allr = model.reconstruct_all(x)
+    assert allr.shape == (2, depth, 3, size, size)
+    for n in range(1, depth + 1):  # sharing the compression path changes nothing
+        assert torch.allclose(allr[:, n - 1], model(x, n), atol=1e-6)
+
+
+def test_parameter_count_independent_of_depth():
+    counts = {sum(p.numel() for p in RcAE(Config(width=16, depth=n)).parameters()) for n in (1, 3, 5, 8)}
+    assert len(counts) == 1
+
+
+def test_gradients_reach_every_parameter():
+    model = RcAE(Config(width=8, depth=3))
+    x = torch.rand(2, 3, 32, 32)
+    loss, _ = recon_loss(model(x, 3), x)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_depth_one_uses_every_block():
+    model = RcAE(Config(width=8, depth=2))
+    x = torch.rand(1, 3, 16, 16)
+    recon_loss(model(x, 1), x)[0].backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_loss_eq5():
+    x = torch.rand(2, 3, 16, 16)
+    loss, parts = recon_loss(x, x)
+    assert loss == 0 and parts["l1"] == 0 and parts["l1_grad"] == 0
+    assert recon_loss(x + 0.1, x)[0] > 0
+    # a constant shift has no gradient error; a lost edge does
+    assert recon_loss(x + 0.1, x)[1]["l1_grad"] < 1e-6
+    edge = torch.zeros(1, 3, 16, 16)
+    edge[..., 8:] = 1
+    assert recon_loss(torch.full_like(edge, 0.5), edge)[1]["l1_grad"] > 0
+
+
+def test_two_step_run_writes_checkpoint_that_reloads(toy_data, tmp_path):
+    out = tmp_path / "run"
+    stage1_rcae.main(quick_args(toy_data, out))
+    model, ck = stage1_rcae.load_rcae(out / "stage1_rcae.pt")
+    assert ck["stage"] == "stage1_rcae" and ck["step"] == 2
+    assert ck["model_config"] == {"channels": 3, "width": 32, "depth": 3, "image_size": 64}
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    rebuilt = RcAE(Config(**ck["model_config"]))
+    rebuilt.load_state_dict(ck["model"])
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(rebuilt.eval()(x), model(x))
+    log = [json.loads(line) for line in open(out / "stage1_rcae.log.jsonl")]
+    assert {"l1", "l1_grad", "img_per_s"} <= set(log[-1])
+
+
+def test_resume_continues_from_saved_step(toy_data, tmp_path, capsys):
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    stage1_rcae.main(quick_args(toy_data, straight, max_steps=4))
+    stage1_rcae.main(quick_args(toy_data, resumed, max_steps=2))
+    stage1_rcae.main(quick_args(toy_data, resumed, max_steps=4))
+    assert "resuming from step 2 of 4" in capsys.readouterr().out
+    a = torch.load(straight / "stage1_rcae.pt", weights_only=True)
+    b = torch.load(resumed / "stage1_rcae.pt", weights_only=True)
+    assert b["step"] == 4
+    for k in a["model"]:  # same batches, same optimiser state: the same weights
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+
+
+def test_finished_run_is_not_retrained(toy_data, tmp_path, capsys):
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1))
+    before = (tmp_path / "stage1_rcae.pt").stat().st_mtime_ns
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1))
+    assert "already trained" in capsys.readouterr().out
+    assert (tmp_path / "stage1_rcae.pt").stat().st_mtime_ns == before
+
+
+def test_other_settings_refused_without_overwrite(toy_data, tmp_path):
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1))
+    with pytest.raises(common.UserError, match="other settings .*width: 32 vs 8.*--overwrite"):
+        stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1, width=8))
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1, width=8, overwrite=True))
+    assert torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["model_config"]["width"] == 8
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_data, tmp_path, monkeypatch):
+    real = stage1_rcae.recon_loss
+    calls = []
+
+    def nan_at_third_step(recon, target):
+        calls.append(1)
+        loss, parts = real(recon, target)
+        return (loss * float("nan") if len(calls) == 3 else loss), parts
+
+    monkeypatch.setattr(stage1_rcae, "recon_loss", nan_at_third_step)
+    with pytest.raises(common.UserError, match="loss is nan at step 3.*last good checkpoint"):
+        stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=5, save_every=2))
+    ck = torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (dict(image_size=100), "cannot be halved 3 times"),
+    (dict(depth=0), "--depth must be >= 1"),
+])
+def test_bad_flags(toy_data, tmp_path, flags, msg):
+    with pytest.raises(common.UserError, match=msg):
+        stage1_rcae.main(quick_args(toy_data, tmp_path, **flags))
+
+
+def test_bad_data_path_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: stage1_rcae.main(quick_args(str(tmp_path / "missing"), tmp_path)))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --data") and "no such folder" in err and "Traceback" not in err
+    assert not (tmp_path / "stage1_rcae.pt").exists()
+
+
+def test_visa_training(toy_visa, tmp_path):
+    stage1_rcae.main(quick_args(toy_visa, tmp_path, max_steps=1))
+    assert (tmp_path / "stage1_rcae.pt").is_file()
