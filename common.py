@@ -353,6 +353,8 @@ def add_shared_args(p, recursion=True, **defaults):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d["epochs"], help="passes over train/good")
     g.add_argument("--max_steps", type=int, default=None, help="cap on optimiser steps (quick runs)")
+    g.add_argument("--max_minutes", type=float, default=None,
+                   help="stop (and checkpoint) after this much training time; the same command resumes")
     g.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per step (paper: not given)")
     g.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (paper: 1e-4, betas 0.9/0.999, eps 1e-8)")
     g = p.add_argument_group("runtime / io")
@@ -596,6 +598,9 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
                 log.flush()
             if step % args.save_every == 0 and step < total:
                 save(step)
+            if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
+                print(f"\n{stage}: --max_minutes {args.max_minutes} reached at step {step} of {total}")
+                break
     bar.close()
     save(step)
     print(f"{stage}: {step} steps in {time.time() - t0:.0f}s -> {ckpt_path}")

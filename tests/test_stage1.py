@@ -138,3 +138,11 @@ def test_bad_data_path_is_one_line_error(tmp_path, capsys):
 def test_visa_training(toy_visa, tmp_path):
     stage1_rcae.main(quick_args(toy_visa, tmp_path, max_steps=1))
     assert (tmp_path / "stage1_rcae.pt").is_file()
+
+
+def test_time_budget_stops_and_resumes(toy_data, tmp_path, capsys):
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=5, max_minutes=0))
+    assert "--max_minutes 0.0 reached at step 1 of 5" in capsys.readouterr().out
+    assert torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["step"] == 1
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=5))
+    assert "resuming from step 1 of 5" in capsys.readouterr().out
