@@ -530,7 +530,8 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
 
     images: (M, C, H, W) uint8 training images; make_batch(x (B, C, H, W) float, gen) -> dict of
     tensors; loss_fn(net, batch on device) -> (total, parts dict). Adam with the paper's settings;
-    lr_at(step, total) -> learning-rate multiplier (default constant, as in RcAE).
+    lr_at(step, total) -> multiplier of args.lr for optimiser step `step` (1-based); default
+    constant, as in RcAE.
     Resumes from ckpt_path when it holds an unfinished run with the same model_config. Stops on a
     non-finite loss, keeping the last good checkpoint. Returns the final checkpoint dict."""
     device = get_device(args.device)
@@ -551,14 +552,16 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
             return ck
         if "optimizer" in ck:
             opt.load_state_dict(ck["optimizer"])
+        else:
+            print(f"{stage}: continuing a finished run with a fresh optimiser state")
         start = ck["step"]
         print(f"{stage}: resuming from step {start} of {total} ({ckpt_path})")
     extra = dict(extra or {})
     net = torch.compile(model) if args.compile else model
 
-    def save(step):
-        save_checkpoint(ckpt_path, stage, model, cfg, args, step, optimizer=opt.state_dict(),
-                        total_steps=total, **extra)
+    def save(step):  # a finished run drops the optimiser state (it can triple the file); resuming keeps it
+        state = dict(optimizer=opt.state_dict()) if step < total else {}
+        save_checkpoint(ckpt_path, stage, model, cfg, args, step, total_steps=total, **state, **extra)
 
     from tqdm import tqdm
     loader = torch.utils.data.DataLoader(
@@ -585,7 +588,7 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
                                 f"Lower --lr (now {args.lr}) and run again")
             if lr_at is not None:
                 for group in opt.param_groups:
-                    group["lr"] = args.lr * lr_at(step - 1, total)
+                    group["lr"] = args.lr * lr_at(step, total)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -260,3 +260,22 @@ def test_synthetic_generator_cli(tmp_path):
     common.main(["synth", "--out", str(tmp_path / "v"), "--size", "32", "--layout", "visa", "--n_train", "3", "--n_test", "1"])
     rows = list(csv.DictReader(open(tmp_path / "v" / "split_csv" / "1cls.csv")))
     assert {r["split"] for r in rows} == {"train", "test"}
+
+
+def test_train_loop_applies_lr_schedule_and_drops_optimizer_when_done(tmp_path):
+    model = torch.nn.Conv2d(3, 3, 1)
+    seen = []
+
+    def loss_fn(net, b):
+        return (net(b["x"]) - b["x"]).pow(2).mean(), {}
+
+    def lr_at(step, total):
+        seen.append((step, total))
+        return 0.5 if step > 2 else 1.0
+
+    args = Namespace(device="cpu", lr=0.1, epochs=1, batch_size=2, max_steps=4, overwrite=False, compile=0,
+                     seed=0, workers=0, amp=0, log_every=1, save_every=2, max_minutes=None)
+    ck = common.train(stage="t", model=model, model_config={}, args=args, images=torch.zeros(8, 3, 4, 4, dtype=torch.uint8),
+                      make_batch=lambda x, gen: {"x": x}, loss_fn=loss_fn, ckpt_path=tmp_path / "t.pt", lr_at=lr_at)
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert ck["step"] == 4 and "optimizer" not in ck

@@ -75,9 +75,10 @@ def test_two_step_run_writes_checkpoint_that_reloads(toy_data, tmp_path):
 def test_resume_continues_from_saved_step(toy_data, tmp_path, capsys):
     straight, resumed = tmp_path / "a", tmp_path / "b"
     stage1_rcae.main(quick_args(toy_data, straight, max_steps=4))
-    stage1_rcae.main(quick_args(toy_data, resumed, max_steps=2))
+    stage1_rcae.main(quick_args(toy_data, resumed, max_steps=4, max_minutes=0))  # interrupted after step 1
+    assert torch.load(resumed / "stage1_rcae.pt", weights_only=True)["step"] == 1
     stage1_rcae.main(quick_args(toy_data, resumed, max_steps=4))
-    assert "resuming from step 2 of 4" in capsys.readouterr().out
+    assert "resuming from step 1 of 4" in capsys.readouterr().out
     a = torch.load(straight / "stage1_rcae.pt", weights_only=True)
     b = torch.load(resumed / "stage1_rcae.pt", weights_only=True)
     assert b["step"] == 4
