@@ -1,0 +1,171 @@
+"""Stage 2: the Detail Preservation Network (DPN), paper "Detail Preservation Network", Eq. (6)-(7).
+
+The frozen RcAE of stage 1 loses fine texture with every recursion step. DPN, one 4-layer conv
+autoencoder with skips shared by every depth n, predicts the missing detail as a residual from the
+reconstruction and the gradient I' of the input image:
+
+    Res_D^n = f_DPN(I_R^n (+) I'),   I_D^n = I_R^n + Res_D^n                         Eq. (6)
+    L_DPN   = |I_D^n - I|_1 + |(I_D^n)' - I'|_1                                       Eq. (7)
+
+((+) is channel concatenation.) RcAE is frozen and only clean normal images are used, so DPN learns
+the detail that recursion removes from normal texture, not how to put anomalies back. Each step
+refines all N depths of a batch at once. The last conv starts at zero: at initialisation I_D^n = I_R^n.
+
+GPU (paper settings):  python stage2_dpn.py --data mvtec/bottle
+CPU smoke run:         python stage2_dpn.py --data data/toy --max_steps 100 --batch_size 8
+Reads:  <out>/stage1_rcae.pt (--rcae; image_size, depth and holdout are inherited from it) and the
+        same train/good images as stage 1.
+Writes: <out>/stage2_dpn.pt (and stage2_dpn.log.jsonl).
+"""
+import argparse
+import hashlib
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import common
+from common import UserError, grad
+from stage1_rcae import ConvAE, load_rcae
+
+STAGE = "stage2_dpn"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # None = inherit from the stage-1 checkpoint; an explicit different value is refused
+    common.add_shared_args(p, epochs=400, image_size=None, depth=None, holdout=None)  # paper: 400 epochs
+    g = p.add_argument_group("model (stage 2)")
+    g.add_argument("--width", type=int, default=32, help="hidden width of the DPN autoencoder (paper: not given)")
+    g = p.add_argument_group("upstream (stage 2)")
+    g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen; None = <out>/stage1_rcae.pt")
+    return common.finish_args(p.parse_args(argv))
+
+
+def fingerprint(state_dict):
+    """sha256 of a state_dict's names and bytes: ties a downstream checkpoint to its exact upstream."""
+    h = hashlib.sha256()
+    for k, t in state_dict.items():
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def upstream_rcae(args):
+    """Load the frozen RcAE of --rcae, inherit its settings into args (refusing conflicts)."""
+    args.rcae = args.rcae or f"{args.out}/stage1_rcae.pt"
+    rcae, ck = load_rcae(args.rcae)
+    common.inherit(args, ck["args"], ["image_size", "depth", "holdout"], f"the stage-1 checkpoint {args.rcae}")
+    common.check_size(args.image_size, args.depth)
+    if Path(ck["args"]["data"]).resolve() != Path(args.data).resolve():
+        common.warn(f"{args.rcae} was trained on {ck['args']['data']}, this stage trains on {args.data}")
+    return rcae, ck
+
+
+def check_upstream_unchanged(ckpt_path, stage, upstream, args):
+    """A run resumed (or found finished) on disk must have been trained on the same upstream weights."""
+    if args.overwrite or not Path(ckpt_path).is_file():
+        return
+    old = common.load_checkpoint(ckpt_path, stage).get("upstream", {})
+    changed = [k for k, v in upstream.items() if k.endswith("_sha") and old.get(k) != v]
+    if changed:
+        raise UserError(f"{ckpt_path} was trained on other upstream weights ({', '.join(changed)} differ: "
+                        f"an upstream stage was retrained): pass --overwrite to train this stage again")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class Config:
+    channels: int = 3  # C, inherited from the RcAE
+    depth: int = 5  # N, inherited: one DPN refines every depth 1..N
+    image_size: int = 1024  # training size, inherited
+    width: int = 32  # hidden width of the autoencoder
+
+
+class DPN(nn.Module):
+    """f_DPN of Eq. (6): a ConvAE from (I_R^n (+) I') with 3C channels to the residual Res_D^n with C."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.channels
+        self.ae = ConvAE(3 * c, c, cfg.width)  # I_R^n has C channels, I' = grad(I) has 2C
+        # zero residual at initialisation: training starts from I_D^n = I_R^n, never from a broken image
+        nn.init.zeros_(self.ae.dec1.weight)
+        nn.init.zeros_(self.ae.dec1.bias)
+
+    def forward(self, recon, image):
+        """Res_D^n of recon (B, C, H, W), or of every depth at once for recon (B, N, C, H, W)."""
+        g = grad(image)  # (B, 2C, H, W), I' computed once per image
+        if recon.dim() == 5:  # fold the N depths into the batch
+            g = g.repeat_interleave(recon.shape[1], 0)  # (B*N, 2C, H, W)
+        r = recon.reshape(-1, *recon.shape[-3:])  # (B*N, C, H, W)
+        res = self.ae(torch.cat([r, g], 1))  # Eq. (6): f_DPN(I_R^n (+) I'), (B*N, C, H, W)
+        return res.reshape(recon.shape)  # (B, [N,] C, H, W)
+
+    def refine(self, recons, image):
+        """I_D^n = I_R^n + Res_D^n for recons (B, N, C, H, W) and image (B, C, H, W) -> (B, N, C, H, W)."""
+        return recons + self(recons, image)  # Eq. (6)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def dpn_loss(refined, image):
+    """Eq. (7): |I_D^n - I|_1 + |(I_D^n)' - I'|_1 as means over every depth and pixel.
+
+    refined (B, N, C, H, W), image (B, C, H, W). Returns (total, parts)."""
+    target = image[:, None].expand_as(refined)  # (B, N, C, H, W)
+    l1 = (refined - target).abs().mean()
+    l1_grad = (grad(refined.flatten(0, 1)) - grad(target.flatten(0, 1))).abs().mean()  # (B*N, 2C, H, W)
+    return l1 + l1_grad, {"l1": l1.detach(), "l1_grad": l1_grad.detach()}
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def make_batch(x, gen):
+    """Clean normal images only (paper): no augmentation."""
+    return {"image": x}  # (B, C, H, W)
+
+
+def loss_fn(net, b, rcae):
+    x = b["image"]  # (B, C, H, W)
+    with torch.no_grad():  # RcAE is frozen: nothing flows back into it
+        recons = rcae.reconstruct_all(x).float()  # {I_R^n}, (B, N, C, H, W)
+    refined = recons + net(recons, x)  # Eq. (6), all depths in one call, (B, N, C, H, W)
+    loss, parts = dpn_loss(refined.float(), x)
+    parts["l1_rcae"] = (recons - x[:, None]).abs().mean()  # the error DPN starts from: l1 should drop below it
+    return loss, parts
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rcae, rcae_ck = upstream_rcae(args)
+    common.seed_everything(args.seed)
+    cfg = Config(channels=rcae.cfg.channels, depth=args.depth, image_size=args.image_size, width=args.width)
+    model = DPN(cfg)
+    rcae.to(common.get_device(args.device))
+    images = common.train_images(args)  # (M, 3, H, W) uint8, the same train/good minus holdout as stage 1
+    print(f"{STAGE}: {len(images)} training images at {args.image_size}px, refining depths 1..{cfg.depth}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; RcAE frozen from {args.rcae}")
+
+    upstream = {"rcae": str(Path(args.rcae).resolve()), "rcae_sha": fingerprint(rcae_ck["model"])}
+    check_upstream_unchanged(f"{args.out}/{STAGE}.pt", STAGE, upstream, args)
+    common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
+                 make_batch=make_batch, loss_fn=partial(loss_fn, rcae=rcae),
+                 ckpt_path=f"{args.out}/{STAGE}.pt", extra={"upstream": upstream})
+
+
+def load_dpn(path):
+    """The frozen DPN and its checkpoint, rebuilt from the checkpoint alone."""
+    ck = common.load_checkpoint(path, STAGE, hint="python stage2_dpn.py --data PATH")
+    return common.freeze(common.build_from_checkpoint(ck, DPN, Config)), ck
+
+
+if __name__ == "__main__":
+    common.run_main(main)

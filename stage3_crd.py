@@ -1,0 +1,287 @@
+"""Stage 3: Cross Recursion Detection (CRD), paper "Cross Recursion Detection", Eq. (8)-(9).
+
+Normal regions settle after a few recursion steps, anomalies keep changing. CRD, a 4-level 3D conv
+U-Net, looks at every depth's detail-enhanced reconstruction next to the input at once (the recursion
+axis is the 3D convolutions' third axis) and predicts the anomaly map:
+
+    M_A   = f_CRD(I_D^n (+) I),  n in use_depths (all of 1..N by default)            Eq. (8)
+    L_CRD = |M_A - M_P|_2 + |M_A' - M_P'|_2                                           Eq. (9)
+
+RcAE and DPN are frozen; the input has pseudo anomalies (mask M_P) part of the time. The image score
+is the mean of the top --topk_frac of M_A's pixels. After training, the holdout normal images (train/good
+kept out of every stage's training, never the test split) are scored, and their --threshold_quantile
+is stored in the checkpoint as the image threshold. `load_detector` rebuilds the whole chain for
+evaluate.py, notebooks and benchmarks.
+
+GPU (paper settings):  python stage3_crd.py --data mvtec/bottle
+CPU smoke run:         python stage3_crd.py --data data/toy --max_steps 100 --batch_size 8
+Table 6 (N_R = 3):     python stage3_crd.py --data mvtec/bottle --use_depths 1,3,5 --out runs/mvtec/bottle_nr3 \
+                           --rcae runs/mvtec/bottle/stage1_rcae.pt --dpn runs/mvtec/bottle/stage2_dpn.pt
+Reads:  <out>/stage1_rcae.pt (--rcae) and <out>/stage2_dpn.pt (--dpn), both from the same RcAE;
+        image_size, depth and holdout are inherited from them. The train/good images.
+Writes: <out>/stage3_crd.pt (with the holdout calibration) and stage3_crd.log.jsonl.
+"""
+import argparse
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import UserError, grad
+from stage1_rcae import load_rcae
+from stage2_dpn import check_upstream_unchanged, fingerprint, load_dpn, upstream_rcae
+
+STAGE = "stage3_crd"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # None = inherit from the upstream checkpoints; an explicit different value is refused
+    common.add_shared_args(p, epochs=300, image_size=None, depth=None, holdout=None)  # paper: 300 epochs
+    g = p.add_argument_group("model (stage 3)")
+    g.add_argument("--width", type=int, default=16, help="CRD base width w; levels have w, 2w, 4w, 8w (paper: not given)")
+    g.add_argument("--use_depths", default=None,
+                   help="recursion depths fed to CRD, comma-separated, e.g. 1,3,5; None = all 1..N "
+                        "(paper; Table 6 ablates 5 and 1,3,5)")
+    g = p.add_argument_group("augmentation (stage 3)")
+    g.add_argument("--anomaly_prob", type=float, default=0.5,
+                   help="chance that a training image gets pseudo anomalies, else all-zero mask (paper: not given)")
+    g = p.add_argument_group("scoring (stage 3)")
+    g.add_argument("--topk_frac", type=float, default=0.01,
+                   help="image score = mean of this top fraction of M_A's pixels (paper: top-k mean, k not given)")
+    g.add_argument("--threshold_quantile", type=float, default=0.99,
+                   help="image threshold = this quantile of the holdout normal scores (not in the paper)")
+    g = p.add_argument_group("upstream (stage 3)")
+    g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen; None = <out>/stage1_rcae.pt")
+    g.add_argument("--dpn", default=None, help="stage-2 checkpoint of the same RcAE, frozen; None = <out>/stage2_dpn.pt")
+    args = common.finish_args(p.parse_args(argv))
+    if not 0 < args.topk_frac <= 1:
+        raise UserError(f"--topk_frac must be in (0, 1] (got {args.topk_frac})")
+    for k in ("threshold_quantile", "anomaly_prob"):
+        if not 0 <= getattr(args, k) <= 1:
+            raise UserError(f"--{k} must be in [0, 1] (got {getattr(args, k)})")
+    return args
+
+
+def parse_depths(text, depth):
+    """--use_depths '1,3,5' -> [1, 3, 5], each in 1..N; None -> all of 1..N."""
+    if text is None:
+        return list(range(1, depth + 1))
+    try:
+        depths = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--use_depths {text!r}: give comma-separated depths, e.g. 1,3,5") from None
+    if not depths or any(not 1 <= n <= depth for n in depths):
+        raise UserError(f"--use_depths {text}: every depth must be in 1..{depth} (the RcAE's N)")
+    if len(set(depths)) != len(depths):
+        raise UserError(f"--use_depths {text}: a depth is repeated")
+    return sorted(depths)  # the recursion axis runs from shallow to deep
+
+
+def upstream(args):
+    """The frozen RcAE and DPN; refuses a DPN trained on other RcAE weights than --rcae."""
+    rcae, rcae_ck = upstream_rcae(args)  # fills args.rcae, inherits image_size/depth/holdout
+    args.dpn = args.dpn or f"{args.out}/stage2_dpn.pt"
+    dpn, dpn_ck = load_dpn(args.dpn)
+    sha = fingerprint(rcae_ck["model"])
+    if dpn_ck["upstream"]["rcae_sha"] != sha:
+        raise UserError(f"{args.dpn} was trained on the RcAE {dpn_ck['upstream']['rcae']}, not on the weights in "
+                        f"{args.rcae}: run `python stage2_dpn.py --data {args.data} --rcae {args.rcae} --overwrite` "
+                        f"first, or pass the matching --rcae")
+    dpn_sha = fingerprint(dpn_ck["model"])
+    return rcae, dpn, {"rcae": str(Path(args.rcae).resolve()), "rcae_sha": sha,
+                       "dpn": str(Path(args.dpn).resolve()), "dpn_sha": dpn_sha}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class Config:
+    channels: int = 3  # C, inherited from the RcAE
+    depth: int = 5  # N of the RcAE, inherited
+    image_size: int = 1024  # training size, inherited
+    width: int = 16  # base width w
+    use_depths: list | None = None  # depths n on the recursion axis; None = all of 1..N (paper)
+
+    def __post_init__(self):
+        self.use_depths = list(self.use_depths or range(1, self.depth + 1))
+
+
+def conv3(cin, cout, stride=1):
+    """3x3x3 conv that keeps the recursion axis and strides only over H and W."""
+    return nn.Conv3d(cin, cout, 3, (1, stride, stride), 1)
+
+
+def up_to(h, like):
+    """Trilinear upsampling of h to the (NR, H, W) of the skip `like`: any H, W works."""
+    return F.interpolate(h, size=like.shape[-3:], mode="trilinear", align_corners=False)
+
+
+class CRD(nn.Module):
+    """f_CRD of Eq. (8): (B, 2C, NR, H, W) -> M_A (B, 1, H, W) in [0, 1], NR = len(use_depths)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        w, nr = cfg.width, len(cfg.use_depths)
+        self.enc1 = conv3(2 * cfg.channels, w)  # (B, w, NR, H, W)
+        self.enc2 = conv3(w, 2 * w, stride=2)  # (B, 2w, NR, H/2, W/2)
+        self.enc3 = conv3(2 * w, 4 * w, stride=2)  # (B, 4w, NR, H/4, W/4)
+        self.enc4 = conv3(4 * w, 8 * w, stride=2)  # (B, 8w, NR, H/8, W/8)
+        # decoder: halve the channels (1x1x1) before upsampling, concatenate the skip, 3x3x3 conv
+        self.red3, self.dec3 = nn.Conv3d(8 * w, 4 * w, 1), conv3(8 * w, 4 * w)
+        self.red2, self.dec2 = nn.Conv3d(4 * w, 2 * w, 1), conv3(4 * w, 2 * w)
+        self.red1, self.dec1 = nn.Conv3d(2 * w, w, 1), conv3(2 * w, w)
+        # the recursion axis is reduced at the end by a learned weighting over the NR depths
+        self.head = nn.Conv3d(w, 1, (nr, 1, 1))
+        self.act = nn.LeakyReLU(0.1)
+
+    def forward(self, x):
+        e1 = self.act(self.enc1(x))  # (B, w, NR, H, W)
+        e2 = self.act(self.enc2(e1))  # (B, 2w, NR, H/2, W/2)
+        e3 = self.act(self.enc3(e2))  # (B, 4w, NR, H/4, W/4)
+        e4 = self.act(self.enc4(e3))  # (B, 8w, NR, H/8, W/8)
+        d3 = self.act(self.dec3(torch.cat([up_to(self.red3(e4), e3), e3], 1)))  # (B, 4w, NR, H/4, W/4)
+        d2 = self.act(self.dec2(torch.cat([up_to(self.red2(d3), e2), e2], 1)))  # (B, 2w, NR, H/2, W/2)
+        d1 = self.act(self.dec1(torch.cat([up_to(self.red1(d2), e1), e1], 1)))  # (B, w, NR, H, W)
+        return torch.sigmoid(self.head(d1)[:, :, 0])  # Eq. (8): M_A, (B, 1, H, W)
+
+
+def crd_input(refined, image, depths):
+    """I_D^n (+) I for each selected depth n, stacked on the recursion axis.
+
+    refined (B, N, C, H, W) holds depths 1..N, image (B, C, H, W) -> (B, 2C, NR, H, W)."""
+    sel = refined[:, [n - 1 for n in depths]]  # (B, NR, C, H, W)
+    both = torch.cat([sel, image[:, None].expand_as(sel)], 2)  # (B, NR, 2C, H, W)
+    return both.transpose(1, 2)  # (B, 2C, NR, H, W)
+
+
+def frozen_forward(rcae, dpn, x, depths):
+    """Stages 1-2 on x (B, C, H, W): recons {I_R^n} and refined {I_D^n} (B, N, C, H, W), and CRD's input."""
+    recons = rcae.reconstruct_all(x)  # (B, N, C, H, W), n = 1..N
+    refined = dpn.refine(recons, x)  # Eq. (6), (B, N, C, H, W)
+    return recons, refined, crd_input(refined, x, depths)  # ..., (B, 2C, NR, H, W)
+
+
+class Detector(nn.Module):
+    """The trained chain RcAE -> DPN -> CRD, as evaluate.py, notebooks and benchmarks use it."""
+
+    def __init__(self, rcae, dpn, crd, topk_frac=0.01, image_threshold=None):
+        super().__init__()
+        self.rcae, self.dpn, self.crd = rcae, dpn, crd
+        self.use_depths = list(crd.cfg.use_depths)
+        self.topk_frac, self.image_threshold = topk_frac, image_threshold
+
+    def forward(self, x):
+        """x (B, C, H, W) in [0, 1] -> recons, refined (B, N, C, H, W) and map M_A (B, 1, H, W)."""
+        recons, refined, inp = frozen_forward(self.rcae, self.dpn, x, self.use_depths)
+        return {"recons": recons, "refined": refined, "map": self.crd(inp)}
+
+    @torch.inference_mode()
+    def predict(self, x):
+        """forward() without autograd, plus the image score (B,): the top-k mean of the map."""
+        out = self(x)
+        out["score"] = common.topk_mean(out["map"], self.topk_frac)  # (B,)
+        return out
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def crd_loss(pred, mask):
+    """Eq. (9): |M_A - M_P|_2 + |M_A' - M_P'|_2, each as a mean squared error (the paper's "l2" read as
+    the squared norm, averaged like Eq. (5) and (7)). pred, mask (B, 1, H, W). Returns (total, parts)."""
+    mse = (pred - mask).pow(2).mean()
+    mse_grad = (grad(pred) - grad(mask)).pow(2).mean()  # (B, 2, H, W) gradient maps
+    return mse + mse_grad, {"mse": mse.detach(), "mse_grad": mse_grad.detach()}
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def make_batch(x, gen, anomaly_prob):
+    """x (B, C, H, W) clean -> images with pseudo anomalies and their masks M_P (all zero if untouched)."""
+    images, masks = common.augment_batch(x, gen, anomaly_prob)  # (B, C, H, W), (B, 1, H, W)
+    return {"image": images, "mask": masks}
+
+
+def loss_fn(net, b, rcae, dpn, depths):
+    with torch.no_grad():  # RcAE and DPN are frozen: nothing flows back into them
+        _, _, inp = frozen_forward(rcae, dpn, b["image"], depths)  # (B, 2C, NR, H, W)
+    return crd_loss(net(inp).float(), b["mask"])
+
+
+def calibrate(detector, images, args):
+    """Score the holdout normal images (uint8 (M, C, H, W)); threshold = their --threshold_quantile."""
+    device = next(detector.parameters()).device
+    detector.eval()
+    scores = []
+    for i in range(0, len(images), args.batch_size):
+        x = common.to_float(images[i:i + args.batch_size]).to(device)  # (b, C, H, W)
+        scores += detector.predict(x)["score"].float().cpu().tolist()
+    threshold = float(torch.quantile(torch.tensor(scores), args.threshold_quantile)) if scores else None
+    if threshold is None:
+        common.warn("no holdout images (--holdout 0): image_threshold is None; calibrate it elsewhere")
+    return {"topk_frac": args.topk_frac, "quantile": args.threshold_quantile, "image_threshold": threshold,
+            "holdout_scores": scores}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rcae, dpn, ups = upstream(args)
+    args.use_depths = parse_depths(args.use_depths, args.depth)
+    common.seed_everything(args.seed)
+    cfg = Config(channels=rcae.cfg.channels, depth=args.depth, image_size=args.image_size, width=args.width,
+                 use_depths=args.use_depths)
+    model = CRD(cfg)
+    device = common.get_device(args.device)
+    rcae.to(device)
+    dpn.to(device)
+    images = common.train_images(args)  # (M, 3, H, W) uint8, the same train/good minus holdout as stage 1
+    print(f"{STAGE}: {len(images)} training images at {args.image_size}px, depths {cfg.use_depths} of N={cfg.depth}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; RcAE {args.rcae} and DPN {args.dpn} frozen")
+
+    path = f"{args.out}/{STAGE}.pt"
+    check_upstream_unchanged(path, STAGE, ups, args)
+    ck = common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
+                      make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob),
+                      loss_fn=partial(loss_fn, rcae=rcae, dpn=dpn, depths=cfg.use_depths),
+                      ckpt_path=path, extra={"upstream": ups})
+
+    # the threshold needs the trained CRD, so it is added to the final checkpoint afterwards (atomic rewrite)
+    cal = calibrate(Detector(rcae, dpn, model, topk_frac=args.topk_frac),
+                    common.train_images(args, part="holdout"), args)
+    keep = {k: v for k, v in ck.items() if k not in ("stage", "model", "model_config", "args", "step", "version")}
+    common.save_checkpoint(path, STAGE, model, ck["model_config"], args, ck["step"], **{**keep, "calibration": cal})
+    print(f"{STAGE}: image threshold {cal['image_threshold']} = {cal['quantile']} quantile of "
+          f"{len(cal['holdout_scores'])} holdout scores -> {path}")
+
+
+def load_crd(path):
+    """The frozen CRD and its checkpoint, rebuilt from the checkpoint alone."""
+    ck = common.load_checkpoint(path, STAGE, hint="python stage3_crd.py --data PATH")
+    return common.freeze(common.build_from_checkpoint(ck, CRD, Config)), ck
+
+
+def load_detector(out, rcae=None, dpn=None, crd=None):
+    """The frozen Detector from <out>/stage{1,2,3}_*.pt (or the given paths); refuses a mixed-up chain."""
+    rcae_m, rcae_ck = load_rcae(rcae or f"{out}/stage1_rcae.pt")
+    dpn_m, dpn_ck = load_dpn(dpn or f"{out}/stage2_dpn.pt")
+    crd_m, crd_ck = load_crd(crd or f"{out}/stage3_crd.pt")
+    ups = crd_ck["upstream"]
+    for name, ck in (("rcae", rcae_ck), ("dpn", dpn_ck)):
+        if fingerprint(ck["model"]) != ups[f"{name}_sha"]:
+            raise UserError(f"the CRD in {crd or f'{out}/stage3_crd.pt'} was trained with the {name} {ups[name]}, "
+                            f"not with the weights loaded now: pass that --{name}, or retrain stage 3")
+    cal = crd_ck.get("calibration") or {}
+    return common.freeze(Detector(rcae_m, dpn_m, crd_m, topk_frac=cal.get("topk_frac", crd_ck["args"]["topk_frac"]),
+                                  image_threshold=cal.get("image_threshold")))
+
+
+if __name__ == "__main__":
+    common.run_main(main)

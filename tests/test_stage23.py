@@ -1,0 +1,334 @@
+"""stage2_dpn.py and stage3_crd.py: shapes, Eq. (6)-(9), gradients, frozen upstream, the stage chain,
+inheritance and every refusal, --use_depths (Table 6), holdout calibration, load_detector."""
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import quick_args
+
+import common
+import stage1_rcae
+import stage2_dpn
+import stage3_crd
+from common import UserError, grad
+from stage1_rcae import RcAE
+from stage2_dpn import DPN, dpn_loss
+from stage3_crd import CRD, crd_input, crd_loss, parse_depths
+
+
+def rcae(depth=3, width=8):
+    return RcAE(stage1_rcae.Config(width=width, depth=depth))
+
+
+def spy(mp, module, name):
+    """Record the (model, ck) pairs a module's loader returns, to inspect the upstream used in training."""
+    seen, real = [], getattr(module, name)
+
+    def wrapper(path):
+        seen.append(real(path))
+        return seen[-1]
+
+    mp.setattr(module, name, wrapper)
+    return seen
+
+
+def assert_untouched(model, path):
+    """The in-memory upstream model is frozen, got no gradients, and still equals its checkpoint bitwise."""
+    on_disk = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.cpu(), on_disk[k]), k
+    for p in model.parameters():
+        assert not p.requires_grad and p.grad is None
+
+
+# ----------------------------------------------------------------------------- stage 2: DPN
+
+
+@pytest.mark.parametrize("channels,n,size", [(3, 5, 32), (3, 1, 20), (1, 3, 24)])
+def test_dpn_shapes(channels, n, size):
+    dpn = DPN(stage2_dpn.Config(channels=channels, depth=n, width=8))
+    image = torch.rand(2, channels, size, size)
+    recons = torch.rand(2, n, channels, size, size)
+    assert dpn(recons[:, 0], image).shape == (2, channels, size, size)  # one depth
+    assert dpn(recons, image).shape == recons.shape  # all depths in one call
+    assert dpn.refine(recons, image).shape == recons.shape
+
+
+def test_dpn_folding_matches_per_depth_calls():
+    dpn = DPN(stage2_dpn.Config(depth=3, width=8))
+    torch.nn.init.normal_(dpn.ae.dec1.weight, std=0.1)
+    image, recons = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 3, 16, 16)
+    batched = dpn(recons, image)
+    for n in range(3):
+        assert torch.allclose(batched[:, n], dpn(recons[:, n], image), atol=1e-6)
+
+
+def test_dpn_residual_is_zero_at_init():
+    dpn = DPN(stage2_dpn.Config(depth=3, width=8))
+    image, recons = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 3, 32, 32)
+    assert torch.equal(dpn(recons, image), torch.zeros_like(recons))
+    assert torch.equal(dpn.refine(recons, image), recons)  # I_D^n = I_R^n: the image is not broken
+
+
+def test_dpn_uses_the_input_gradient():
+    dpn = DPN(stage2_dpn.Config(depth=1, width=8))
+    torch.nn.init.normal_(dpn.ae.dec1.weight, std=0.1)
+    recon, image = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    # same recon, an image with the same gradient (constant shift) vs another image
+    assert torch.allclose(dpn(recon, image), dpn(recon, image + 0.2), atol=1e-6)
+    assert not torch.allclose(dpn(recon, image), dpn(recon, torch.rand(1, 3, 16, 16)), atol=1e-3)
+
+
+def test_dpn_loss_eq7():
+    image = torch.rand(2, 3, 16, 16)
+    same = image[:, None].repeat(1, 4, 1, 1, 1)  # (B, N, C, H, W)
+    loss, parts = dpn_loss(same, image)
+    assert loss == 0 and parts["l1"] == 0 and parts["l1_grad"] == 0
+    _, parts = dpn_loss(same + 0.1, image)  # a constant shift: intensity error only
+    assert abs(parts["l1"] - 0.1) < 1e-6 and parts["l1_grad"] < 1e-6
+    refined = torch.rand(2, 4, 3, 16, 16)
+    want = sum((refined[:, n] - image).abs().mean() + (grad(refined[:, n]) - grad(image)).abs().mean()
+               for n in range(4)) / 4  # the mean over depths of Eq. (7)
+    assert torch.allclose(dpn_loss(refined, image)[0], want, atol=1e-6)
+
+
+def test_dpn_gradients_reach_every_parameter_and_never_the_rcae():
+    dpn = DPN(stage2_dpn.Config(depth=3, width=8))
+    up = rcae()  # deliberately not frozen: loss_fn's no_grad alone must keep it out of the graph
+    x = torch.rand(2, 3, 32, 32)
+    loss, parts = stage2_dpn.loss_fn(dpn, {"image": x}, rcae=up)
+    loss.backward()
+    assert dpn.ae.dec1.weight.grad.abs().sum() > 0  # learning starts from the zero residual
+    assert {"l1", "l1_grad", "l1_rcae"} <= set(parts)
+    assert all(p.grad is None for p in up.parameters())
+    torch.nn.init.normal_(dpn.ae.dec1.weight, std=0.1)  # past the first step every parameter learns
+    dpn.zero_grad()
+    stage2_dpn.loss_fn(dpn, {"image": x}, rcae=up)[0].backward()
+    for name, p in dpn.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ----------------------------------------------------------------------------- stage 3: CRD
+
+
+@pytest.mark.parametrize("size,depths", [(16, [3]), (20, [1, 3]), (64, [1, 2, 3, 4, 5])])
+def test_crd_shapes_and_range(size, depths):
+    crd = CRD(stage3_crd.Config(depth=5, width=4, use_depths=depths))
+    x = torch.randn(2, 6, len(depths), size, size) * 3
+    m = crd(x)
+    assert m.shape == (2, 1, size, size)
+    assert m.min() >= 0 and m.max() <= 1
+
+
+def test_crd_config_default_uses_every_depth():
+    assert stage3_crd.Config(depth=4).use_depths == [1, 2, 3, 4]
+    assert CRD(stage3_crd.Config(depth=4, width=4)).head.kernel_size == (4, 1, 1)
+
+
+def test_crd_gradients_reach_every_parameter_and_every_recursion_step():
+    crd = CRD(stage3_crd.Config(depth=3, width=4))
+    x = torch.rand(2, 6, 3, 32, 32, requires_grad=True)
+    mask = (torch.rand(2, 1, 32, 32) > 0.7).float()
+    crd_loss(crd(x), mask)[0].backward()
+    for name, p in crd.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for n in range(3):  # the map depends on every depth on the recursion axis
+        assert x.grad[:, :, n].abs().sum() > 0
+
+
+def test_crd_loss_is_squared_eq9():
+    mask = (torch.rand(2, 1, 16, 16) > 0.5).float()
+    loss, parts = crd_loss(mask, mask)
+    assert loss == 0 and parts["mse"] == 0 and parts["mse_grad"] == 0
+    loss, parts = crd_loss(mask + 0.1, mask)  # squared: 0.01, not 0.1; a shift has no gradient error
+    assert abs(loss - 0.01) < 1e-6 and parts["mse_grad"] < 1e-9
+    edge = torch.zeros(1, 1, 16, 16)
+    edge[..., 8:] = 1
+    assert crd_loss(torch.full_like(edge, 0.5), edge)[1]["mse_grad"] > 0
+
+
+def test_crd_input_layout_and_table6_subset():
+    refined, image = torch.rand(2, 5, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    inp = crd_input(refined, image, [1, 3])
+    assert inp.shape == (2, 6, 2, 8, 8)  # (B, 2C, NR, H, W), NR = 2
+    assert torch.equal(inp[:, :3, 0], refined[:, 0]) and torch.equal(inp[:, :3, 1], refined[:, 2])
+    assert torch.equal(inp[:, 3:, 0], image) and torch.equal(inp[:, 3:, 1], image)
+    assert crd_input(refined, image, [1, 2, 3, 4, 5]).shape == (2, 6, 5, 8, 8)
+
+
+def test_parse_depths():
+    assert parse_depths(None, 5) == [1, 2, 3, 4, 5]
+    assert parse_depths("1,3,5", 5) == [1, 3, 5]
+    assert parse_depths("5, 1", 5) == [1, 5]
+    for bad in ("0", "6", "1,1", "a,b", "", "2.5"):
+        with pytest.raises(UserError, match="use_depths"):
+            parse_depths(bad, 5)
+
+
+def test_crd_loss_fn_never_reaches_the_upstream():
+    up, dpn = rcae(), DPN(stage2_dpn.Config(depth=3, width=8))  # deliberately not frozen
+    torch.nn.init.normal_(dpn.ae.dec1.weight, std=0.1)
+    crd = CRD(stage3_crd.Config(depth=3, width=4, use_depths=[1, 3]))
+    gen = torch.Generator().manual_seed(0)
+    b = stage3_crd.make_batch(torch.rand(3, 3, 32, 32), gen, anomaly_prob=1.0)
+    assert b["mask"].sum() > 0
+    stage3_crd.loss_fn(crd, b, rcae=up, dpn=dpn, depths=[1, 3])[0].backward()
+    assert all(p.grad is None for p in [*up.parameters(), *dpn.parameters()])
+    assert all(p.grad is not None for p in crd.parameters())
+
+
+def test_make_batch_without_anomalies_gives_zero_masks():
+    b = stage3_crd.make_batch(torch.rand(4, 3, 32, 32), torch.Generator().manual_seed(0), anomaly_prob=0.0)
+    assert b["mask"].shape == (4, 1, 32, 32) and b["mask"].sum() == 0
+
+
+def test_calibrate_without_holdout_warns(capsys):
+    det = stage3_crd.Detector(rcae(), DPN(stage2_dpn.Config(depth=3, width=8)),
+                              CRD(stage3_crd.Config(depth=3, width=4)))
+    args = SimpleNamespace(batch_size=4, topk_frac=0.01, threshold_quantile=0.99)
+    cal = stage3_crd.calibrate(det, torch.zeros(0, 3, 32, 32, dtype=torch.uint8), args)
+    assert cal["image_threshold"] is None and cal["holdout_scores"] == []
+    assert "holdout" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the chain
+
+
+@pytest.fixture(scope="module")
+def chain(toy_data, tmp_path_factory):
+    """stage1 -> stage2 -> stage3 for 2 steps each, inheriting image_size/depth; spies on the upstream."""
+    out = tmp_path_factory.mktemp("chain")
+    with pytest.MonkeyPatch.context() as mp:
+        stage1_rcae.main(quick_args(toy_data, out, width=8))
+        rcae_seen = spy(mp, stage2_dpn, "load_rcae")
+        stage2_dpn.main(quick_args(toy_data, out, image_size=None, depth=None, width=8))
+        in_stage2 = rcae_seen[-1][0]
+        dpn_seen = spy(mp, stage3_crd, "load_dpn")
+        stage3_crd.main(quick_args(toy_data, out, image_size=None, depth=None, width=4))
+    return SimpleNamespace(out=out, data=toy_data, rcae_in_stage2=in_stage2, rcae_in_stage3=rcae_seen[-1][0],
+                           dpn_in_stage3=dpn_seen[-1][0])
+
+
+@pytest.fixture(scope="module")
+def other_rcae(toy_data, tmp_path_factory):
+    """A second stage-1 checkpoint (other seed, other weights) for the mismatch refusals."""
+    out = tmp_path_factory.mktemp("other")
+    stage1_rcae.main(quick_args(toy_data, out, width=8, seed=1))
+    return out / "stage1_rcae.pt"
+
+
+def test_chain_upstream_frozen_and_bitwise_unchanged(chain):
+    assert_untouched(chain.rcae_in_stage2, chain.out / "stage1_rcae.pt")
+    assert_untouched(chain.rcae_in_stage3, chain.out / "stage1_rcae.pt")
+    assert_untouched(chain.dpn_in_stage3, chain.out / "stage2_dpn.pt")
+
+
+def test_chain_dpn_checkpoint(chain):
+    dpn, ck = stage2_dpn.load_dpn(chain.out / "stage2_dpn.pt")
+    assert ck["stage"] == "stage2_dpn" and ck["step"] == 2
+    assert ck["model_config"] == {"channels": 3, "depth": 3, "image_size": 64, "width": 8}  # inherited
+    assert ck["args"]["depth"] == 3 and ck["args"]["image_size"] == 64 and ck["args"]["holdout"] == 0.1
+    assert ck["args"]["rcae"] == str(chain.out / "stage1_rcae.pt")
+    rcae_ck = torch.load(chain.out / "stage1_rcae.pt", weights_only=True)
+    assert ck["upstream"]["rcae_sha"] == stage2_dpn.fingerprint(rcae_ck["model"])
+    assert not dpn.training and not any(p.requires_grad for p in dpn.parameters())
+    assert any(v.abs().sum() > 0 for v in dpn.ae.dec1.state_dict().values())  # it trained off zero
+
+
+def test_chain_crd_checkpoint_and_detector(chain):
+    crd, ck = stage3_crd.load_crd(chain.out / "stage3_crd.pt")
+    assert ck["stage"] == "stage3_crd" and ck["step"] == 2
+    assert ck["model_config"] == {"channels": 3, "depth": 3, "image_size": 64, "width": 4, "use_depths": [1, 2, 3]}
+    # what common.train saved survives the calibration rewrite
+    assert ck["total_steps"] == 2 and set(ck["upstream"]) == {"rcae", "rcae_sha", "dpn", "dpn_sha"}
+    det = stage3_crd.load_detector(chain.out)
+    assert not any(p.requires_grad for p in det.parameters())
+    x = common.to_float(common.load_split(chain.data, "test", 64, 0).images[:3])
+    out = det.predict(x)
+    assert out["recons"].shape == out["refined"].shape == (3, 3, 3, 64, 64)
+    assert out["map"].shape == (3, 1, 64, 64) and 0 <= out["map"].min() and out["map"].max() <= 1
+    assert out["score"].shape == (3,) and torch.is_inference(out["map"])
+    assert torch.allclose(out["recons"], det.rcae.reconstruct_all(x))
+
+
+def test_chain_calibration_is_on_the_holdout(chain):
+    _, ck = stage3_crd.load_crd(chain.out / "stage3_crd.pt")
+    cal = ck["calibration"]
+    assert cal["topk_frac"] == 0.01 and cal["quantile"] == 0.99
+    holdout = common.train_images(SimpleNamespace(data=chain.data, image_size=64, workers=0, holdout=0.1), "holdout")
+    assert len(cal["holdout_scores"]) == len(holdout) > 0
+    det = stage3_crd.load_detector(chain.out)
+    scores = det.predict(common.to_float(holdout))["score"]
+    assert torch.allclose(scores, torch.tensor(cal["holdout_scores"]), atol=1e-5)
+    assert abs(cal["image_threshold"] - torch.quantile(scores, 0.99).item()) < 1e-5
+    assert det.image_threshold == cal["image_threshold"]
+
+
+def test_table6_subset_of_depths(chain, tmp_path):
+    out = tmp_path / "nr2"
+    stage3_crd.main(quick_args(chain.data, out, image_size=None, depth=None, width=4, use_depths="3,1",
+                               rcae=chain.out / "stage1_rcae.pt", dpn=chain.out / "stage2_dpn.pt"))
+    crd, ck = stage3_crd.load_crd(out / "stage3_crd.pt")
+    assert ck["model_config"]["use_depths"] == [1, 3] and crd.head.kernel_size == (2, 1, 1)
+    det = stage3_crd.load_detector(out, rcae=chain.out / "stage1_rcae.pt", dpn=chain.out / "stage2_dpn.pt")
+    assert det(torch.rand(1, 3, 64, 64))["map"].shape == (1, 1, 64, 64)
+    with pytest.raises(UserError, match="1..3"):
+        stage3_crd.main(quick_args(chain.data, tmp_path / "bad", image_size=None, depth=None, use_depths="1,4",
+                                   rcae=chain.out / "stage1_rcae.pt", dpn=chain.out / "stage2_dpn.pt"))
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_missing_stage1_names_the_stage1_command(toy_data, tmp_path):
+    with pytest.raises(UserError, match="python stage1_rcae.py"):
+        stage2_dpn.main(quick_args(toy_data, tmp_path, image_size=None, depth=None))
+    with pytest.raises(UserError, match="python stage1_rcae.py"):
+        stage3_crd.main(quick_args(toy_data, tmp_path, image_size=None, depth=None))
+
+
+def test_missing_stage2_names_the_stage2_command(chain, tmp_path):
+    with pytest.raises(UserError, match="python stage2_dpn.py"):
+        stage3_crd.main(quick_args(chain.data, tmp_path, image_size=None, depth=None,
+                                   rcae=chain.out / "stage1_rcae.pt"))
+
+
+def test_wrong_stage_checkpoint_is_refused(chain, tmp_path):
+    with pytest.raises(UserError, match="'stage2_dpn' checkpoint, expected 'stage1_rcae'"):
+        stage2_dpn.main(quick_args(chain.data, tmp_path, image_size=None, depth=None,
+                                   rcae=chain.out / "stage2_dpn.pt"))
+    with pytest.raises(UserError, match="expected 'stage2_dpn'"):
+        stage3_crd.main(quick_args(chain.data, tmp_path, image_size=None, depth=None,
+                                   rcae=chain.out / "stage1_rcae.pt", dpn=chain.out / "stage3_crd.pt"))
+
+
+@pytest.mark.parametrize("flag", [{"depth": 2}, {"image_size": 32}, {"holdout": 0.2}])
+def test_explicit_conflicting_flag_is_refused(chain, tmp_path, flag):
+    kw = {"image_size": None, "depth": None, **flag}
+    name = next(iter(flag))
+    for module, extra in ((stage2_dpn, {}), (stage3_crd, {"dpn": chain.out / "stage2_dpn.pt"})):
+        with pytest.raises(UserError, match=f"--{name} .* conflicts with"):
+            module.main(quick_args(chain.data, tmp_path, rcae=chain.out / "stage1_rcae.pt", **extra, **kw))
+    # the same value as upstream is no conflict
+    same = {"depth": 3, "image_size": 64, "holdout": 0.1}[name]
+    args = stage2_dpn.get_args(quick_args(chain.data, tmp_path, rcae=chain.out / "stage1_rcae.pt", **{**kw, name: same}))
+    stage2_dpn.upstream_rcae(args)
+    assert (args.depth, args.image_size, args.holdout) == (3, 64, 0.1)
+
+
+def test_dpn_from_another_rcae_is_refused(chain, other_rcae, tmp_path):
+    with pytest.raises(UserError, match="trained on the RcAE"):
+        stage3_crd.main(quick_args(chain.data, tmp_path, image_size=None, depth=None, rcae=other_rcae,
+                                   dpn=chain.out / "stage2_dpn.pt"))
+    with pytest.raises(UserError, match="trained with the rcae"):
+        stage3_crd.load_detector(chain.out, rcae=other_rcae)
+
+
+def test_retrained_upstream_is_not_resumed(chain, other_rcae, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(chain.out, out)
+    shutil.copy(other_rcae, out / "stage1_rcae.pt")  # stage 1 was retrained since stage 2 ran
+    with pytest.raises(UserError, match="other upstream weights.*--overwrite"):
+        stage2_dpn.main(quick_args(chain.data, out, image_size=None, depth=None, max_steps=4))
