@@ -1,0 +1,689 @@
+"""Evaluate RcAE (and the FAIR baseline) on the test split: I-AUROC, P-AUROC, AUPRO, speed, memory.
+
+The only code that reads the test split (STYLE.md rule 12). It finds the checkpoints in <out> and
+evaluates every variant they allow, which is the paper's Table 2 ablation from one command:
+
+    rcae       map |I - I_R^N| (mean over channels, Gaussian sigma --sigma), score top-k mean   stage 1
+    rcae+dpn   the same from |I - I_D^N|, the DPN-refined deepest reconstruction, Eq. (6)      stages 1-2
+    crd        the CRD map M_A, Eq. (8), score top-k mean with the calibrated k                  stages 1-3
+    fair       the FAIR baseline's map and image score (--method fair, baselines/fair.py)
+
+Image size and depth come from the stage-1 checkpoint (FAIR: its own); masks are read at that size.
+A stage missing from <out> is taken from the path its downstream checkpoint recorded (Table 6 runs).
+Each variant runs only what it needs (rcae: one depth-N pass; rcae+dpn: plus DPN on that depth), and
+its images/s is the time to produce the maps of the whole test split after one warm-up batch, host
+transfers included. Peak memory: torch.cuda.max_memory_allocated of that pass on CUDA, the process's
+peak RSS so far (ru_maxrss) elsewhere; "peak_mem_source" says which. An image is called anomalous
+when its score is above the threshold (stage 3's calibration; best_f1_threshold: at or above).
+
+GPU:          python evaluate.py --data mvtec/bottle                 # every RcAE variant trained
+              python evaluate.py --data mvtec/bottle --method fair   # adds FAIR to the same metrics.json
+              python evaluate.py --data mvtec                        # every category: results.md/.csv
+CPU smoke:    python evaluate.py --data data/toy --device cpu --n_figures 2
+Predict:      python evaluate.py --predict shots/ part.png --data mvtec/bottle
+Reads:  <out>/stage1_rcae.pt, stage2_dpn.pt, stage3_crd.pt (or fair.pt) and the test split of --data.
+Writes: <out>/metrics.json, <out>/scores.json (image scores, for the ROC curves), <out>/figures/*.png;
+        for a folder of categories results.md and results.csv in runs/<root> (or --out);
+        for --predict <out>/predictions/*.png and <out>/predictions/predictions.csv.
+
+metrics.json, schema 1 (a metric is null when not defined: one class missing from the test split):
+    {"schema": 1, "data": str, "category": str, "device": str, "image_size": int, "depth": int|null,
+     "n_images": int, "n_anomalous": int, "params": {stage: int}, "peak_mem_source": str,
+     "variants": {name: {"method": "rcae"|"fair", "i_auroc", "p_auroc", "aupro": float|null in [0, 1],
+                         "best_f1": float|null, "best_f1_threshold": float|null, "images_per_s": float,
+                         "peak_mem_mb": float|null, "params": int (all stages it uses), "image_size": int,
+                         "n_images": int, "n_anomalous": int}},
+     "calibrated_threshold": null | {"variant": "crd", "image_threshold", "topk_frac", "quantile",
+                                     "tpr", "fpr", "f1": the test split judged at that threshold}}
+Running one --method replaces that method's variants and keeps the other's.
+"""
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
+from tqdm import tqdm
+
+import common
+from common import UserError
+
+RCAE_VARIANTS = ("rcae", "rcae+dpn", "crd")
+CKPT = {"stage1_rcae": "stage1_rcae.pt", "stage2_dpn": "stage2_dpn.pt", "stage3_crd": "stage3_crd.pt",
+        "fair": "fair.pt"}
+HOW = {"stage1_rcae": "python stage1_rcae.py --data {data}", "stage2_dpn": "python stage2_dpn.py --data {data}",
+       "stage3_crd": "python stage3_crd.py --data {data}", "fair": "python -m baselines.fair --data {data}"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="a category (mvtec/bottle) or a folder of categories (mvtec)")
+    g.add_argument("--out", default=None, help="checkpoint and output folder (default: runs/<parent>/<category>); "
+                                               "for a folder of categories, the results folder holding <category>/")
+    g.add_argument("--workers", type=int, default=2, help="threads decoding the test images")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=["rcae", "fair"], default="rcae",
+                   help="rcae: every RcAE variant whose checkpoints exist; fair: the FAIR baseline")
+    g.add_argument("--sigma", type=float, default=4.0,
+                   help="Gaussian sigma (px) smoothing the residual maps of rcae and rcae+dpn (paper: not given)")
+    g.add_argument("--topk_frac", type=float, default=None,
+                   help="image score of rcae and rcae+dpn = mean of this top fraction of map pixels (paper: k "
+                        "not given); default: stage 3's value, 0.01 without stage 3. crd always uses stage 3's")
+    g = p.add_argument_group("runtime / io")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    g.add_argument("--batch_size", type=int, default=8, help="test images per forward pass")
+    g.add_argument("--n_figures", type=int, default=4, help="figure panels of this many normal and anomalous images")
+    g.add_argument("--predict", nargs="+", default=None, metavar="IMG",
+                   help="score these image files/folders with the full detector instead of evaluating")
+    args = p.parse_args(argv)
+    if args.data is None and (args.predict is None or args.out is None):
+        raise UserError("pass --data (a category or a folder of categories), or --predict IMG with --out")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1 (got {args.batch_size})")
+    if args.topk_frac is not None and not 0 < args.topk_frac <= 1:
+        raise UserError(f"--topk_frac must be in (0, 1] (got {args.topk_frac})")
+    return args
+
+
+# ----------------------------------------------------------------------------- metrics
+# Every metric needs both classes; with only one present it is "not defined" and returns nan (null in
+# metrics.json) instead of raising, so a test split without anomalies still gets a report.
+
+
+def _both(y):
+    return 0 < int(np.count_nonzero(y)) < y.size
+
+
+def image_auroc(labels, scores):
+    """Image-level AUROC. labels (M,) {0,1}, scores (M,) -> float in [0, 1], nan if one class only."""
+    y, s = np.asarray(labels).ravel() > 0, np.asarray(scores, dtype=np.float64).ravel()
+    return float(roc_auc_score(y, s)) if _both(y) else math.nan
+
+
+def pixel_auroc(masks, maps):
+    """Pixel-level AUROC over all test pixels. masks (M, H, W) binarised at > 0, maps (M, H, W)."""
+    y, s = np.asarray(masks).ravel() > 0, np.asarray(maps, dtype=np.float32).ravel()
+    return float(roc_auc_score(y, s)) if _both(y) else math.nan
+
+
+def best_f1(labels, scores):
+    """The best F1 over all thresholds and that threshold: (f1, threshold); (nan, nan) if one class only.
+    An image is called anomalous when its score is >= threshold."""
+    y, s = np.asarray(labels).ravel() > 0, np.asarray(scores, dtype=np.float64).ravel()
+    if not _both(y):
+        return math.nan, math.nan
+    p, r, t = precision_recall_curve(y, s)
+    p, r = p[:-1], r[:-1]  # the last point (recall 0) has no threshold
+    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
+    i = int(np.argmax(f1))
+    return float(f1[i]), float(t[i])
+
+
+def aupro(masks, maps, fpr_limit=0.3):
+    """Area under the per-region-overlap curve up to FPR `fpr_limit`, normalised by it (DESIGN.md), exact.
+
+    Every distinct score t is a threshold (a pixel is positive when its score >= t). Regions are the
+    8-connected components of each ground-truth mask. FPR(t) is the fraction of normal pixels (of all
+    images) at or above t; PRO(t) the mean over all regions of the fraction of the region at or above t.
+    The curve runs from (0, 0) through every threshold to (1, 1); it is integrated with the trapezoid
+    rule up to FPR = fpr_limit (interpolated there) and divided by fpr_limit, so the result is in [0, 1].
+    masks (M, H, W) binarised at > 0, maps (M, H, W). nan when there is no region or no normal pixel.
+
+    One sort of all pixels replaces the threshold loop: a pixel of region r adds 1 / (R |r|) to PRO once
+    the threshold passes its score, so PRO and FPR are cumulative sums in descending score order."""
+    masks = np.asarray(masks) > 0  # (M, H, W)
+    maps = np.asarray(maps)
+    if not np.issubdtype(maps.dtype, np.floating):
+        maps = maps.astype(np.float64)
+    if masks.shape != maps.shape or masks.ndim != 3:
+        raise ValueError(f"aupro: masks {masks.shape} and maps {maps.shape} must both be (M, H, W)")
+    region = np.zeros(masks.shape, np.int32)  # 0 = normal pixel, 1..R = region id over all images
+    n_regions = 0
+    for i in range(len(masks)):
+        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3), int))  # 8-connectivity
+        region[i] = np.where(lab > 0, lab + n_regions, 0)
+        n_regions += n
+    region = region.ravel()
+    size = np.bincount(region, minlength=n_regions + 1)  # (R + 1,) pixels per region, [0] = normal
+    n_normal = int(size[0])
+    if n_regions == 0 or n_normal == 0:
+        return math.nan
+    gain = np.r_[0.0, 1.0 / (n_regions * size[1:])]  # (R + 1,) PRO gained per pixel of each region
+    order = np.argsort(maps.ravel(), kind="stable")[::-1]  # descending score
+    s = maps.ravel()[order]
+    ids = region[order]
+    del order, region
+    fpr = np.cumsum(ids == 0, dtype=np.int64)
+    pro = np.cumsum(gain[ids])
+    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # last pixel of each distinct score: a threshold
+    fpr = np.r_[0.0, fpr[last] / n_normal]
+    pro = np.r_[0.0, np.minimum(pro[last], 1.0)]  # (T + 1,) the curve from (0, 0)
+    k = int(np.searchsorted(fpr, fpr_limit, side="right"))  # points with fpr <= limit: [0, k)
+    x, y = fpr[:k], pro[:k]
+    if k < len(fpr) and x[-1] < fpr_limit:  # interpolate the curve at exactly fpr_limit
+        f0, f1, p0, p1 = fpr[k - 1], fpr[k], pro[k - 1], pro[k]
+        x, y = np.r_[x, fpr_limit], np.r_[y, p0 + (p1 - p0) * (fpr_limit - f0) / (f1 - f0)]
+    area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+    return min(1.0, area / fpr_limit)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_stages(out, data, method):
+    """The frozen stages for `out`: {stage: (model, ck)} in pipeline order, only those trained.
+
+    A stage missing from `out` is taken from the path its downstream checkpoint recorded (a CRD trained
+    with --out elsewhere and --rcae/--dpn from here, as for Table 6). A missing first stage is a
+    UserError naming the command that makes it."""
+    out = Path(out)
+    if method == "fair":
+        if not (out / CKPT["fair"]).is_file():
+            raise UserError(_missing("fair", out, data))
+        from baselines.fair import load_fair  # only FAIR runs need the baseline's code
+        return {"fair": load_fair(str(out / CKPT["fair"]))}
+    found, ups = {}, {}
+    for stage, up in (("stage3_crd", None), ("stage2_dpn", "dpn"), ("stage1_rcae", "rcae")):
+        path = out / CKPT[stage]
+        if not path.is_file() and up in ups and Path(ups[up]).is_file():
+            path = Path(ups[up])
+        if path.is_file():
+            found[stage] = path
+            ups = {**common.load_checkpoint(path, stage).get("upstream", {}), **ups}
+    if "stage1_rcae" not in found:
+        raise UserError(_missing("stage1_rcae", out, data))
+    if "stage3_crd" in found and "stage2_dpn" not in found:
+        common.warn(f"{found.pop('stage3_crd')} is ignored: CRD reads DPN output and {CKPT['stage2_dpn']} is missing")
+    from stage1_rcae import load_rcae
+    st = {"stage1_rcae": load_rcae(str(found["stage1_rcae"]))}
+    if "stage2_dpn" in found:
+        from stage2_dpn import load_dpn
+        st["stage2_dpn"] = load_dpn(str(found["stage2_dpn"]))
+    if "stage3_crd" in found:
+        from stage3_crd import load_crd
+        st["stage3_crd"] = load_crd(str(found["stage3_crd"]))
+    for name, (_, ck) in st.items():
+        if ck["step"] < ck.get("total_steps", 0):
+            common.warn(f"{found[name]} is an unfinished run ({ck['step']} of {ck['total_steps']} steps)")
+    if "stage3_crd" in st and "calibration" not in st["stage3_crd"][1]:  # written when stage 3 ends
+        common.warn(f"{found['stage3_crd']} has no calibration yet: no image threshold")
+    if len(st) > 1:
+        _check_chain(st, data)
+    return st
+
+
+def _missing(stage, out, data):
+    return (f"no {CKPT[stage]} in {out}: run `{HOW[stage].format(data=data or 'PATH')}` first "
+            f"(or point --out at the folder that holds it)")
+
+
+def _check_chain(st, data):
+    """Each later stage names the sha256 of the weights it was trained on; refuse a retrained upstream."""
+    from stage2_dpn import fingerprint
+    sha = {name.split("_")[1]: fingerprint(ck["model"]) for name, (_, ck) in st.items()}  # rcae, dpn, crd
+    size, depth = st["stage1_rcae"][1]["model_config"]["image_size"], st["stage1_rcae"][1]["model_config"]["depth"]
+    for name, (_, ck) in list(st.items())[1:]:
+        cfg = ck["model_config"]
+        if cfg.get("depth", depth) != depth or cfg.get("image_size", size) != size:
+            raise UserError(f"{name} was trained for depth {cfg.get('depth')} at {cfg.get('image_size')}px, "
+                            f"stage 1 for depth {depth} at {size}px: retrain {name}")
+        for key, want in ck.get("upstream", {}).items():
+            if key.endswith("_sha") and key[:-4] in sha and sha[key[:-4]] != want:
+                raise UserError(f"{name} was trained on other {key[:-4]} weights than the checkpoint now in "
+                                f"its folder (an upstream stage was retrained): run "
+                                f"`{HOW[name].format(data=data or 'PATH')} --overwrite`")
+
+
+def gaussian_blur(m, sigma):
+    """Separable Gaussian truncated at 4 sigma, mirror padding: (B, 1, H, W) -> (B, 1, H, W)."""
+    if sigma <= 0:
+        return m
+    r = max(1, min(int(4 * sigma + 0.5), m.shape[-1] - 1, m.shape[-2] - 1))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=m.device, dtype=m.dtype) / sigma) ** 2)
+    k = k / k.sum()
+    m = F.conv2d(F.pad(m, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))  # along W
+    return F.conv2d(F.pad(m, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))  # along H
+
+
+def residual_map(x, recon, sigma):
+    """|I - recon| averaged over channels, smoothed: (B, C, H, W), (B, C, H, W) -> (B, 1, H, W)."""
+    return gaussian_blur((x - recon).abs().mean(1, keepdim=True), sigma)
+
+
+def crd_map(st, x):
+    """M_A of the full detector, Eq. (8): x (B, C, H, W) -> (B, 1, H, W) in [0, 1]."""
+    from stage3_crd import frozen_forward
+    crd, ck = st["stage3_crd"]
+    _, _, inp = frozen_forward(st["stage1_rcae"][0], st["stage2_dpn"][0], x, ck["model_config"]["use_depths"])
+    return crd(inp)  # (B, 1, H, W)
+
+
+def calibration(st):
+    """Stage 3's holdout calibration {topk_frac, quantile, image_threshold, ...}; {} without stage 3."""
+    if "stage3_crd" not in st:
+        return {}
+    ck = st["stage3_crd"][1]
+    return {"topk_frac": ck["args"]["topk_frac"], "quantile": None, "image_threshold": None,
+            **ck.get("calibration", {})}
+
+
+def topk_frac_of(st, flag):
+    """Top-k fraction of the rcae variants: the flag, else stage 3's calibrated value, else 0.01."""
+    return flag if flag is not None else calibration(st).get("topk_frac", 0.01)
+
+
+def variant_fns(st, sigma, topk_frac):
+    """{variant: fn(x (B, C, H, W) on the device) -> (map (B, 1, H, W), image score (B,))} for the stages."""
+    if "fair" in st:
+        from baselines.fair import fair_maps
+        model, ck = st["fair"]
+        return {"fair": lambda x: fair_maps(model, ck, x)}
+
+    def scored(m, frac=topk_frac):
+        return m, common.topk_mean(m, frac)  # (B, 1, H, W), (B,)
+
+    rcae = st["stage1_rcae"][0]
+    fns = {"rcae": lambda x: scored(residual_map(x, rcae(x), sigma))}  # I_R^N
+    if "stage2_dpn" in st:
+        dpn = st["stage2_dpn"][0]
+        fns["rcae+dpn"] = lambda x: scored(residual_map(x, dpn.refine(rcae(x)[:, None], x)[:, 0], sigma))  # I_D^N
+    if "stage3_crd" in st:  # always stage 3's own k, the one its threshold was calibrated with
+        frac = calibration(st)["topk_frac"]
+        fns["crd"] = lambda x: scored(crd_map(st, x), frac)
+    return fns
+
+
+def variant_stages(name):
+    return {"rcae": ["stage1_rcae"], "rcae+dpn": ["stage1_rcae", "stage2_dpn"],
+            "crd": ["stage1_rcae", "stage2_dpn", "stage3_crd"], "fair": ["fair"]}[name]
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_mem_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        import resource
+        import sys
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+    except ImportError:  # Windows
+        return None
+
+
+def peak_mem_source(device):
+    return ("torch.cuda.max_memory_allocated during the variant's pass" if device.type == "cuda"
+            else "process peak RSS so far (ru_maxrss), not per variant")
+
+
+@torch.inference_mode()
+def run_variant(fn, images, device, batch_size, name):
+    """Maps and scores of every image, timed after one warm-up batch.
+
+    images (M, C, H, W) uint8 -> (maps (M, H, W) float32 numpy, scores (M,) numpy, seconds, peak MiB)."""
+    fn(common.to_float(images[:batch_size]).to(device))  # warm-up: cudnn autotune, lazy init
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    maps, scores = [], []
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, len(images), batch_size), desc=name, unit="batch", dynamic_ncols=True, disable=None):
+        m, s = fn(common.to_float(images[i:i + batch_size]).to(device))  # (B, 1, H, W), (B,)
+        maps.append(m.float()[:, 0].cpu())
+        scores.append(s.float().cpu())
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return torch.cat(maps).numpy(), torch.cat(scores).numpy(), seconds, peak_mem_mb(device)
+
+
+def match_masks(masks, shape, note):
+    """Ground truth (M, H, W) bool resized (nearest) to the maps' (H', W') if they differ; `note` prints once."""
+    if masks.shape[-2:] == tuple(shape):
+        return masks
+    if not note:
+        print(f"note: masks are {masks.shape[-2]}x{masks.shape[-1]}, maps {shape[0]}x{shape[1]}: "
+              f"masks resized (nearest) to the maps")
+        note.append(True)
+    m = F.interpolate(torch.from_numpy(masks)[:, None].float(), size=tuple(shape), mode="nearest")  # (M, 1, H', W')
+    return m[:, 0].numpy() > 0.5
+
+
+def metrics_of(labels, masks, maps, scores):
+    f1, thr = best_f1(labels, scores)
+    return {"i_auroc": image_auroc(labels, scores), "p_auroc": pixel_auroc(masks, maps),
+            "aupro": aupro(masks, maps), "best_f1": f1, "best_f1_threshold": thr}
+
+
+# ----------------------------------------------------------------------------- one category
+
+
+def _null(v):
+    """nan -> None (null in JSON) through dicts and lists."""
+    if isinstance(v, dict):
+        return {k: _null(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_null(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return None if math.isnan(v) else float(v)
+    return v
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path, obj):
+    tmp = Path(path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_null(obj), indent=1))
+    tmp.replace(path)
+
+
+def image_size_of(st):
+    ck = next(iter(st.values()))[1]
+    return ck["model_config"].get("image_size") or ck["args"]["image_size"]
+
+
+def evaluate_category(data, out, args):
+    """Evaluate every variant the checkpoints in `out` allow on the test split of `data`; returns metrics."""
+    out = Path(out)
+    st = load_stages(out, data, args.method)
+    device = common.get_device(args.device)
+    for model, _ in st.values():
+        model.to(device)
+    size = image_size_of(st)
+    depth = st["stage1_rcae"][1]["model_config"]["depth"] if "stage1_rcae" in st else None
+    split = common.load_split(str(data), "test", size, args.workers)
+    labels, masks = split.labels.numpy(), split.masks[:, 0].numpy()  # (M,), (M, H, W) bool
+    n_anom = int(labels.sum())
+    print(f"evaluate: {data}: {len(labels)} test images ({n_anom} anomalous) at {size}px on {device}, "
+          f"stages {', '.join(st)}")
+    if n_anom in (0, len(labels)):
+        common.warn(f"the test split of {data} has only {'normal' if n_anom == 0 else 'anomalous'} images: "
+                    f"AUROC and AUPRO are not defined (null)")
+    topk = topk_frac_of(st, args.topk_frac)
+    params = {name: n_params(model) for name, (model, _) in st.items()}
+    variants, scores, fig_idx, fig_maps, note = {}, {}, figure_indices(labels, args.n_figures), {}, []
+    for name, fn in variant_fns(st, args.sigma, topk).items():
+        maps, s, seconds, mem = run_variant(fn, split.images, device, args.batch_size, name)
+        m = match_masks(masks, maps.shape[-2:], note)
+        variants[name] = {"method": args.method, **metrics_of(labels, m, maps, s),
+                          "images_per_s": len(labels) / seconds, "peak_mem_mb": mem,
+                          "params": sum(params[k] for k in variant_stages(name)), "image_size": size,
+                          "n_images": len(labels), "n_anomalous": n_anom}
+        scores[name] = s.tolist()
+        fig_maps[name] = (maps[fig_idx], float(maps.max()))
+    calib = None
+    cal = calibration(st)
+    if cal.get("image_threshold") is not None:
+        pred = np.asarray(scores["crd"]) > cal["image_threshold"]  # stage 3: anomalous above the threshold
+        tp, fp = int((pred & (labels == 1)).sum()), int((pred & (labels == 0)).sum())
+        calib = {"variant": "crd", **{k: cal[k] for k in ("image_threshold", "topk_frac", "quantile")},
+                 "tpr": tp / n_anom if n_anom else math.nan,
+                 "fpr": fp / (len(labels) - n_anom) if n_anom < len(labels) else math.nan,
+                 "f1": 2 * tp / (pred.sum() + n_anom) if n_anom else math.nan}
+
+    old = _read_json(out / "metrics.json") or {}
+    if old.get("schema") != 1 or Path(old.get("data", "")).resolve() != Path(data).resolve():
+        old = {}
+    keep = {k: v for k, v in old.get("variants", {}).items() if v.get("method") != args.method}
+    res = {"schema": 1, "data": str(data), "category": Path(data).name, "device": str(device),
+           "image_size": size, "depth": depth, "n_images": len(labels), "n_anomalous": n_anom,
+           "params": {**old.get("params", {}), **params}, "peak_mem_source": peak_mem_source(device),
+           "variants": {**keep, **variants},
+           "calibrated_threshold": calib if args.method == "rcae" else old.get("calibrated_threshold")}
+    if args.method == "fair" and "image_size" in old:  # the top-level size and depth describe RcAE
+        res["image_size"], res["depth"] = old["image_size"], old["depth"]
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "metrics.json", res)
+    paths = [s.path for s in split.samples]
+    old_scores = _read_json(out / "scores.json") or {}
+    same = old_scores.get("paths") == paths  # the other method's scores only if they rank the same images
+    kept = {k: v for k, v in old_scores.get("scores", {}).items() if k in keep and same}
+    _write_json(out / "scores.json", {"paths": paths, "labels": labels.tolist(), "scores": {**kept, **scores}})
+    figures(out / "figures", st, split, fig_idx, fig_maps, device, args.method)
+    roc_figure(out / "figures" / "roc.png", labels, {**kept, **scores})
+    print_table(res)
+    print(f"evaluate: wrote {out / 'metrics.json'} and {out / 'figures'}")
+    return _null(res)
+
+
+def print_table(res):
+    rows = [("variant", "I-AUROC", "P-AUROC", "AUPRO", "img/s", "params")]
+    pct = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"  # noqa: E731
+    for name, v in res["variants"].items():
+        rows.append((name, pct(v["i_auroc"]), pct(v["p_auroc"]), pct(v["aupro"]), f"{v['images_per_s']:.1f}",
+                     f"{v['params']:,}"))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print(" | ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)))
+        if j == 0:
+            print("-+-".join("-" * x for x in w))
+    if res.get("calibrated_threshold"):
+        c = res["calibrated_threshold"]
+        print(f"calibrated threshold {c['image_threshold']:.4g} (crd): test TPR {pct(c['tpr'])}%, FPR {pct(c['fpr'])}%")
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def figure_indices(labels, n):
+    """Up to n normal and n anomalous test images, evenly spread over each class."""
+    pick = []
+    for c in (0, 1):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) and n > 0:
+            pick += idx[np.linspace(0, len(idx) - 1, min(n, len(idx))).round().astype(int)].tolist()
+    return pick
+
+
+@torch.inference_mode()
+def figures(folder, st, split, idx, fig_maps, device, method):
+    """One row per image: input, ground truth, I_R^n of every depth, I_D^N, then each variant's map."""
+    if not idx:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    folder.mkdir(parents=True, exist_ok=True)
+    x = common.to_float(split.images[idx]).to(device)  # (K, C, H, W)
+    tiles = [("input", x), ("ground truth", split.masks[idx][:, 0].float())]
+    if "stage1_rcae" in st:
+        recons = st["stage1_rcae"][0].reconstruct_all(x)  # (K, N, C, H, W)
+        tiles += [(f"I_R^{n + 1}", recons[:, n]) for n in range(recons.shape[1])]
+        if "stage2_dpn" in st:
+            tiles.append((f"I_D^{recons.shape[1]}", st["stage2_dpn"][0].refine(recons[:, -1:], x)[:, 0]))
+    for j, i in enumerate(idx):
+        s = split.samples[i]
+        row = [(t, v[j].cpu().clamp(0, 1).permute(1, 2, 0).numpy() if v.dim() == 4 else v[j].numpy(), None)
+               for t, v in tiles]
+        row += [(f"map: {name}", m[j], vmax) for name, (m, vmax) in fig_maps.items()]
+        fig, axes = plt.subplots(1, len(row), figsize=(1.8 * len(row), 2.1), squeeze=False)
+        for ax, (title, im, vmax) in zip(axes[0], row):
+            ax.imshow(im, cmap="gray" if title == "ground truth" else "jet", vmin=0, vmax=vmax or 1)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+        fig.suptitle(f"{s.defect}/{Path(s.path).name}", fontsize=8)
+        fig.savefig(folder / f"{method}_{s.defect}_{Path(s.path).stem}.png", dpi=80, bbox_inches="tight")
+        plt.close(fig)
+
+
+def roc_figure(path, labels, scores):
+    """Image-level ROC curves of every variant in one plot (skipped when a class is missing)."""
+    if not 0 < labels.sum() < len(labels):
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for name, s in scores.items():
+        fpr, tpr, _ = roc_curve(labels, s)
+        ax.plot(fpr, tpr, label=f"{name} ({100 * image_auroc(labels, s):.1f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="image-level ROC (I-AUROC %)")
+    ax.legend(fontsize=8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- many categories
+
+
+def category_folders(data):
+    """None when `data` is one category, else its sub-folders that are categories (MVTec or VisA layout)."""
+    try:
+        common.detect_layout(data)
+        return None
+    except UserError:
+        root = Path(data)
+        if not root.is_dir():
+            raise
+        cats = [d for d in sorted(root.iterdir())
+                if (d / "train").is_dir() or (d / "test").is_dir() or (d / "Data" / "Images").is_dir()]
+        if not cats:
+            raise
+        return cats
+
+
+def evaluate_root(root, cats, args):
+    """Evaluate every trained category below `root`; write results.md and results.csv; returns their folder."""
+    results = Path(args.out) if args.out else Path("runs") / Path(root).resolve().name
+    done, skipped = {}, []
+    for cat in cats:
+        out = results / cat.name if args.out else Path(common.default_out(cat))
+        need = ["fair"] if args.method == "fair" else ["stage1_rcae", "stage3_crd"]
+        if not any((out / CKPT[k]).is_file() for k in need):
+            skipped.append((cat.name, f"no {' or '.join(CKPT[k] for k in need)} in {out}"))
+            continue
+        try:
+            done[cat.name] = evaluate_category(cat, out, args)
+        except UserError as e:
+            skipped.append((cat.name, str(e)))
+            print(f"skipped {cat.name}: {e}")
+    if not done:
+        raise UserError(f"no category below {root} has checkpoints: run e.g. "
+                        f"`{HOW['stage1_rcae'].format(data=cats[0])}` first")
+    write_results(results, done, skipped)
+    return results
+
+
+def write_results(folder, done, skipped):
+    """results.md (like the paper's Table 1, entries I-AUROC / P-AUROC / AUPRO in %) and results.csv."""
+    names = list(dict.fromkeys(v for m in done.values() for v in m["variants"]))
+    names.sort(key=lambda v: (RCAE_VARIANTS + ("fair",)).index(v) if v in RCAE_VARIANTS + ("fair",) else 99)
+    keys = ("i_auroc", "p_auroc", "aupro")
+    table = {cat: {v: [m["variants"].get(v, {}).get(k) for k in keys] for v in names} for cat, m in done.items()}
+    mean = {v: [np.mean(x) if (x := [table[c][v][i] for c in table if table[c][v][i] is not None]) else None
+                for i in range(len(keys))] for v in names}
+    fmt = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    lines = ["Each entry: I-AUROC / P-AUROC / AUPRO (%); '-' = not defined or not run; the Mean is over the "
+             "categories that have the value.", "",
+             "| category | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for cat, row in [*table.items(), ("**Mean**", mean)]:
+        lines.append(f"| {cat} | " + " | ".join(" / ".join(fmt(x) for x in row[v]) for v in names) + " |")
+    if skipped:
+        lines += ["", "Skipped (not evaluated):", *[f"- {c}: {why}" for c, why in skipped]]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    with open(folder / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["category"] + [f"{v} {k}" for v in names for k in ("I-AUROC", "P-AUROC", "AUPRO")])
+        for cat, row in [*table.items(), ("Mean", mean)]:
+            w.writerow([cat] + ["" if x is None else f"{x:.4f}" for v in names for x in row[v]])
+    print("\n".join(lines))
+    print(f"evaluate: wrote {folder / 'results.md'} and {folder / 'results.csv'}")
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def image_files(paths):
+    """--predict arguments (files, or folders: their images, not recursive) -> image paths."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in common.IMAGE_EXTS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"--predict {p}: no such file or folder")
+    if not files:
+        raise UserError(f"--predict {' '.join(paths)}: no images found ({', '.join(sorted(common.IMAGE_EXTS))})")
+    return files
+
+
+@torch.inference_mode()
+def predict(args):
+    """Score images with the full detector and its stage-3 threshold; overlays and predictions.csv."""
+    out = Path(args.out or common.default_out(args.data))
+    if not (out / CKPT["stage3_crd"]).is_file():
+        raise UserError(f"--predict needs the full detector and its calibrated threshold, but {out} has no "
+                        f"{CKPT['stage3_crd']}: run `{HOW['stage3_crd'].format(data=args.data or 'PATH')}` first")
+    st = load_stages(out, args.data, "rcae")
+    device = common.get_device(args.device)
+    for model, _ in st.values():
+        model.to(device)
+    cal, size = calibration(st), image_size_of(st)
+    if cal["image_threshold"] is None:
+        raise UserError(f"{out / CKPT['stage3_crd']} has no calibrated image threshold (stage 3 unfinished, or "
+                        f"trained with --holdout 0): finish `{HOW['stage3_crd'].format(data=args.data or 'PATH')}`")
+    fn = variant_fns(st, args.sigma, topk_frac_of(st, args.topk_frac))["crd"]
+    import matplotlib
+    cmap = matplotlib.colormaps["jet"]
+    folder = out / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, used = [], set()
+    for f in tqdm(image_files(args.predict), desc="predict", unit="img", disable=None):
+        try:
+            img = common.read_image(f, size)  # (H, W, 3) uint8, any PIL mode
+        except (OSError, SyntaxError, ValueError) as e:
+            common.warn(f"skipping unreadable {f}: {e}")
+            continue
+        m, s = fn(common.to_float(torch.tensor(img).permute(2, 0, 1)[None]).to(device))  # (1, 1, H, W), (1,)
+        score, thr = float(s[0]), float(cal["image_threshold"])
+        heat = cmap(m[0, 0].float().clamp(0, 1).cpu().numpy())[..., :3] * 255  # (H, W, 3)
+        name = f.stem if f.stem not in used else f"{f.stem}_{len(used)}"
+        used.add(name)
+        Image.fromarray((0.5 * img + 0.5 * heat).astype(np.uint8)).save(folder / f"{name}.png")
+        rows.append([str(f), repr(score), repr(thr), "anomalous" if score > thr else "normal"])  # exact floats
+    with open(folder / "predictions.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "score", "threshold", "decision"], *rows])
+    print(f"predict: {sum(r[3] == 'anomalous' for r in rows)} of {len(rows)} images anomalous "
+          f"(threshold {cal['image_threshold']:.4g}); wrote {folder}")
+    return rows
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.predict:
+        return predict(args)
+    cats = category_folders(args.data)
+    if cats is None:
+        return evaluate_category(args.data, args.out or common.default_out(args.data), args)
+    return evaluate_root(args.data, cats, args)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,266 @@
+"""evaluate.py: the metrics against sklearn and a brute-force AUPRO, then the harness end to end."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+import evaluate
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def aupro_brute(masks, maps, limit=0.3):
+    """The definition, literally: one threshold per distinct score, a Python loop over them."""
+    masks = masks > 0
+    regions = []
+    for m, s in zip(masks, maps):
+        lab, n = ndimage.label(m, structure=np.ones((3, 3)))
+        regions += [s[lab == r] for r in range(1, n + 1)]
+    normal = maps[~masks]
+    pts = [(0.0, 0.0)]
+    for t in np.unique(maps)[::-1]:
+        pts.append((np.mean(normal >= t), np.mean([np.mean(r >= t) for r in regions])))
+    area = 0.0
+    for (f0, p0), (f1, p1) in zip(pts[:-1], pts[1:]):
+        if f0 >= limit:
+            break
+        if f1 > limit:
+            p1 = p0 + (p1 - p0) * (limit - f0) / (f1 - f0)
+            f1 = limit
+        area += (f1 - f0) * (p0 + p1) / 2
+    return area / limit
+
+
+def random_case(seed, n=3, size=12, levels=None):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size), np.uint8)
+    for i in range(n - 1):  # the last image stays normal
+        for _ in range(rng.integers(1, 4)):  # several regions per image
+            y, x, h, w = rng.integers(0, size - 3, 2).tolist() + rng.integers(1, 4, 2).tolist()
+            masks[i, y:y + h, x:x + w] = 255
+    maps = rng.random((n, size, size)) + 0.7 * (masks > 0)
+    if levels:  # quantise: many ties
+        maps = np.round(maps * levels) / levels
+    return masks, maps.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed,levels", [(0, None), (1, None), (2, 5), (3, 3), (4, 20), (5, 1)])
+def test_aupro_matches_brute_force(seed, levels):
+    masks, maps = random_case(seed, levels=levels)
+    got, want = evaluate.aupro(masks, maps), aupro_brute(masks, maps)
+    assert 0 <= got <= 1
+    assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_aupro_diagonal_pixels_are_one_region():
+    # region A: two diagonal pixels (one 8-connected region); region B: one pixel elsewhere
+    masks = np.zeros((1, 6, 6), np.uint8)
+    masks[0, 1, 1] = masks[0, 2, 2] = masks[0, 4, 4] = 1
+    maps = np.zeros((1, 6, 6), np.float32)
+    maps[0, 1, 1] = 1.0  # half of region A found, region B missed, no false positive
+    # 8-connected: regions A, B; PRO 0.25 at FPR 0, then a straight segment to (1, 1), which is at
+    # 0.475 at FPR 0.3: area 0.3 * (0.25 + 0.475) / 2, normalised 0.3625. 4-connectivity would see
+    # three regions (PRO 1/3 at FPR 0) and give 0.4333.
+    assert evaluate.aupro(masks, maps) == pytest.approx(aupro_brute(masks, maps))
+    assert evaluate.aupro(masks, maps) == pytest.approx(0.3625, abs=1e-9)
+
+
+def test_aupro_analytic_cases():
+    masks, maps = random_case(7)
+    perfect = (masks > 0).astype(np.float32)
+    assert evaluate.aupro(masks, perfect) == pytest.approx(1.0)
+    # all scores equal: one threshold, the curve jumps from (0, 0) to (1, 1); the line PRO = FPR has
+    # area 0.3^2 / 2 = 0.045 below 0.3, normalised 0.045 / 0.3 = 0.15
+    assert evaluate.aupro(masks, np.full(maps.shape, 0.3, np.float32)) == pytest.approx(0.15)
+    assert evaluate.aupro(masks, 1 - perfect) == pytest.approx(0.0, abs=1e-9)
+    assert evaluate.aupro(masks, -maps) < 0.05  # inverted scores
+    assert evaluate.aupro(masks, maps, fpr_limit=1.0) == pytest.approx(aupro_brute(masks, maps, 1.0))
+
+
+def test_aupro_never_above_one_and_regions_of_any_size():
+    rng = np.random.default_rng(8)
+    masks = np.zeros((2, 40, 40), np.uint8)
+    masks[0, 2:30, 2:30] = 1  # a big region and a 1-pixel region: the small one counts as much
+    masks[1, 35, 35] = 1
+    maps = rng.random((2, 40, 40)) + 2.0 * masks
+    maps[1, 35, 35] = 0.0  # the 1-pixel region is missed completely until FPR 1
+    v = evaluate.aupro(masks, maps)
+    assert v == pytest.approx(aupro_brute(masks, maps))
+    assert 0.49 < v <= 0.5 + 1e-9
+
+
+def test_metrics_one_class_is_nan_not_a_crash():
+    maps = np.random.default_rng(0).random((3, 8, 8))
+    zeros = np.zeros((3, 8, 8))
+    assert math.isnan(evaluate.aupro(zeros, maps))
+    assert math.isnan(evaluate.aupro(np.ones((3, 8, 8)), maps))  # no normal pixel
+    assert math.isnan(evaluate.pixel_auroc(zeros, maps))
+    assert math.isnan(evaluate.image_auroc([0, 0, 0], [0.1, 0.2, 0.3]))
+    assert all(math.isnan(v) for v in evaluate.best_f1([1, 1], [0.1, 0.2]))
+
+
+def test_aurocs_match_sklearn():
+    rng = np.random.default_rng(3)
+    masks = (rng.random((4, 16, 16)) > 0.8).astype(np.uint8) * 255  # 255 like mask files: binarised
+    maps = rng.random((4, 16, 16)) + 0.3 * (masks > 0)
+    assert evaluate.pixel_auroc(masks, maps) == pytest.approx(roc_auc_score((masks > 0).ravel(), maps.ravel()), abs=1e-6)
+    labels, scores = rng.integers(0, 2, 50), rng.random(50)
+    assert evaluate.image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+    assert evaluate.image_auroc([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == 1.0
+    assert evaluate.image_auroc([0, 1, 0, 1], [0.9, 0.1, 0.8, 0.2]) == 0.0
+
+
+def test_best_f1():
+    f1, t = evaluate.best_f1([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9])
+    assert (f1, t) == (1.0, 0.7)
+    f1, t = evaluate.best_f1([0, 1, 0, 1], [0.1, 0.2, 0.7, 0.9])  # best: all >= 0.2, F1 0.8
+    labels, scores = np.array([0, 1, 0, 1]), np.array([0.1, 0.2, 0.7, 0.9])
+    brute = max((2 * ((scores >= u) & (labels == 1)).sum() / ((scores >= u).sum() + labels.sum()), u) for u in scores)
+    assert (f1, t) == pytest.approx(brute) == (0.8, 0.2)
+
+
+def test_gaussian_blur_matches_scipy():
+    import torch
+    m = np.random.default_rng(0).random((2, 1, 40, 40)).astype(np.float32)
+    got = evaluate.gaussian_blur(torch.from_numpy(m), 4.0).numpy()
+    want = ndimage.gaussian_filter(m, sigma=(0, 0, 4, 4), mode="mirror", truncate=4.0)
+    assert np.abs(got - want).max() < 1e-5
+    assert np.array_equal(evaluate.gaussian_blur(torch.from_numpy(m), 0).numpy(), m)  # sigma 0: off
+
+
+# ----------------------------------------------------------------------------- harness
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import common  # noqa: E402
+import stage1_rcae  # noqa: E402
+from conftest import quick_args  # noqa: E402
+
+FAST = ["--device", "cpu", "--workers", "0", "--n_figures", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(toy_data, tmp_path_factory):
+    """Stage 1 trained for 2 steps on the toy category: its --out folder."""
+    out = tmp_path_factory.mktemp("run")
+    stage1_rcae.main(quick_args(toy_data, out))
+    return out
+
+
+def check_variant(v, n, n_anom):
+    assert v["n_images"] == n and v["n_anomalous"] == n_anom and v["images_per_s"] > 0 and v["params"] > 0
+    for k in ("i_auroc", "p_auroc", "aupro", "best_f1"):
+        assert v[k] is None or 0 <= v[k] <= 1, (k, v[k])
+
+
+def test_stage1_metrics_json(toy_data, trained):
+    evaluate.main(["--data", toy_data, "--out", str(trained), *FAST])
+    m = json.loads((trained / "metrics.json").read_text())
+    assert m["schema"] == 1 and m["image_size"] == 64 and m["depth"] == 3 and m["category"] == "toy"
+    assert (m["n_images"], m["n_anomalous"]) == (12, 6)
+    assert list(m["variants"]) == ["rcae"] and m["calibrated_threshold"] is None
+    assert m["params"]["stage1_rcae"] == m["variants"]["rcae"]["params"] > 0
+    check_variant(m["variants"]["rcae"], 12, 6)
+    assert all(m["variants"]["rcae"][k] is not None for k in ("i_auroc", "p_auroc", "aupro"))
+    s = json.loads((trained / "scores.json").read_text())  # the scores behind I-AUROC, recomputed
+    assert m["variants"]["rcae"]["i_auroc"] == pytest.approx(roc_auc_score(s["labels"], s["scores"]["rcae"]))
+    assert (trained / "figures" / "roc.png").is_file()
+    assert len(list((trained / "figures").glob("rcae_*.png"))) == 2  # one normal, one anomalous
+
+
+def test_missing_checkpoint_names_the_stage_command(toy_data, tmp_path):
+    with pytest.raises(common.UserError, match=r"python stage1_rcae\.py --data"):
+        evaluate.main(["--data", toy_data, "--out", str(tmp_path), *FAST])
+
+
+def test_only_normal_test_split_reports_null(toy_data, trained, tmp_path):
+    data = tmp_path / "normals"
+    shutil.copytree(toy_data, data, ignore=shutil.ignore_patterns("defect"))  # test/defect, ground_truth/defect
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(trained / "stage1_rcae.pt", out)
+    evaluate.main(["--data", str(data), "--out", str(out), *FAST])
+    m = json.loads((out / "metrics.json").read_text())
+    v = m["variants"]["rcae"]
+    assert m["n_anomalous"] == 0 and m["n_images"] == 6
+    assert all(v[k] is None for k in ("i_auroc", "p_auroc", "aupro", "best_f1", "best_f1_threshold"))
+    check_variant(v, 6, 0)
+
+
+def test_folder_of_categories_writes_results_table(toy_data, trained, tmp_path):
+    root = tmp_path / "mvtec"
+    for cat in ("alpha", "beta"):
+        shutil.copytree(toy_data, root / cat)
+    results = tmp_path / "results"
+    (results / "alpha").mkdir(parents=True)
+    shutil.copy(trained / "stage1_rcae.pt", results / "alpha")  # beta has no checkpoint: skipped
+    evaluate.main(["--data", str(root), "--out", str(results), *FAST])
+    md = (results / "results.md").read_text()
+    rows = [r for r in md.splitlines() if r.startswith("| ")]
+    assert rows[0].split("|")[2].strip() == "rcae" and rows[1].startswith("| alpha |") and "Mean" in rows[2]
+    assert "beta" in md.split("Skipped")[1]
+    with open(results / "results.csv") as f:
+        import csv
+        table = list(csv.reader(f))
+    assert table[0] == ["category", "rcae I-AUROC", "rcae P-AUROC", "rcae AUPRO"]
+    assert [r[0] for r in table[1:]] == ["alpha", "Mean"]
+    alpha = json.loads((results / "alpha" / "metrics.json").read_text())["variants"]["rcae"]
+    assert float(table[2][1]) == pytest.approx(alpha["i_auroc"], abs=1e-4)  # one category: Mean = its value
+
+
+def test_full_chain_three_variants_and_predict(toy_data, trained, tmp_path):
+    import stage2_dpn
+    import stage3_crd
+    out = tmp_path / "chain"
+    out.mkdir()
+    shutil.copy(trained / "stage1_rcae.pt", out)
+    stage2_dpn.main(quick_args(toy_data, out, image_size=None, depth=None))
+    stage3_crd.main(quick_args(toy_data, out, image_size=None, depth=None))
+    evaluate.main(["--data", toy_data, "--out", str(out), *FAST])
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["variants"]) == ["rcae", "rcae+dpn", "crd"]
+    for v in m["variants"].values():
+        check_variant(v, 12, 6)
+    p = m["params"]
+    assert m["variants"]["crd"]["params"] == p["stage1_rcae"] + p["stage2_dpn"] + p["stage3_crd"]
+    cal = m["calibrated_threshold"]
+    assert cal["variant"] == "crd" and 0 <= cal["tpr"] <= 1 and 0 <= cal["fpr"] <= 1
+    # FAIR after RcAE: merged into the same metrics.json, the RcAE variants and threshold kept
+    from baselines import fair
+    fair.main(quick_args(toy_data, out, depth=None, base=8))
+    evaluate.main(["--data", toy_data, "--out", str(out), "--method", "fair", *FAST])
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert list(m2["variants"]) == ["rcae", "rcae+dpn", "crd", "fair"]
+    assert m2["variants"]["crd"] == m["variants"]["crd"] and m2["calibrated_threshold"] == cal
+    check_variant(m2["variants"]["fair"], 12, 6)
+    assert m2["params"]["fair"] == m2["variants"]["fair"]["params"] and m2["depth"] == 3
+    assert list(json.loads((out / "scores.json").read_text())["scores"]) == list(m2["variants"])
+    # predict: a folder and a file, in another image mode; decisions follow the calibrated threshold
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    from PIL import Image
+    Image.open(next(Path(toy_data, "test", "defect").glob("*.png"))).convert("L").save(imgs / "gray.jpg")
+    rows = evaluate.main(["--predict", str(imgs), str(next(Path(toy_data, "test", "good").glob("*.png"))),
+                          "--out", str(out), "--device", "cpu"])
+    assert len(rows) == 2 and (out / "predictions" / "gray.png").is_file()
+    with open(out / "predictions" / "predictions.csv") as f:
+        import csv
+        table = list(csv.DictReader(f))
+    assert len(table) == 2
+    for r in table:
+        assert r["decision"] == ("anomalous" if float(r["score"]) > float(r["threshold"]) else "normal")
+
+
+def test_masks_resized_nearest_to_the_maps_with_one_note(capsys):
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, :4, :4] = True
+    note = []
+    small = evaluate.match_masks(masks, (4, 4), note)
+    assert small.shape == (2, 4, 4) and small[0, :2, :2].all() and small.sum() == 4
+    evaluate.match_masks(masks, (4, 4), note)
+    assert capsys.readouterr().out.count("note: masks") == 1
+    assert evaluate.match_masks(masks, (8, 8), note) is masks
