@@ -593,15 +593,16 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
             loss.backward()
             opt.step()
             bar.update(args.batch_size)
-            if step % args.log_every == 0 or step == total:
+            time_up = args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
+            if step % args.log_every == 0 or step == total or time_up:
                 parts = {k: round(float(v), 6) for k, v in parts.items()}
                 bar.set_postfix(step=step, loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in parts.items()})
                 log.write(json.dumps({"step": step, "loss": loss.item(), **parts,
                                       "img_per_s": round((step - start) * args.batch_size / (time.time() - t0), 2)}) + "\n")
                 log.flush()
-            if step % args.save_every == 0 and step < total:
+            if step % args.save_every == 0 and step < total and not time_up:
                 save(step)
-            if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
+            if time_up:
                 print(f"\n{stage}: --max_minutes {args.max_minutes} reached at step {step} of {total}")
                 break
     bar.close()
