@@ -1,0 +1,212 @@
+"""RcAE vs FAIR side by side: the same category, image size and wall-clock training budget.
+
+Both methods are trained in this one process, interleaved in chunks (RcAE chunk, FAIR chunk, ...) so
+that the machine's drifting speed hits both alike; RcAE's share is split over its three stages
+(--split, fractions of the budget). Every chunk is a resumed `main()` call with --max_minutes, so no
+training code is duplicated here. Then evaluate.py scores both on the test split, and inference speed
+is timed round-robin on the same batch. Peak memory is the peak RSS of a fresh process (spawned)
+running one inference batch of each method, so the two numbers share the same baseline.
+
+    python -m benchmarks.compare --data ../shared/data/magnetic_tile --budget-min 20
+    python -m benchmarks.compare --data data/toy --budget-min 1 --image_size 64   # smoke run
+
+Writes <out>/compare.json and <out>/compare.md (out: runs/compare/<category>), plus everything
+evaluate.py writes for both methods (metrics.json, figures/).
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import common
+import evaluate
+import stage1_rcae
+import stage2_dpn
+import stage3_crd
+from baselines import fair
+
+STAGES = [("stage1_rcae", stage1_rcae), ("stage2_dpn", stage2_dpn), ("stage3_crd", stage3_crd)]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="one category folder (MVTec AD or VisA layout)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/compare/<category>)")
+    p.add_argument("--budget-min", dest="budget_min", type=float, default=20, help="training minutes per method")
+    p.add_argument("--image_size", type=int, default=256, help="the same for both methods")
+    p.add_argument("--depth", type=int, default=5, help="RcAE recursion depth N (paper: 5)")
+    p.add_argument("--split", default="0.4,0.2,0.4", help="RcAE budget fractions of stages 1, 2, 3")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved chunks per method")
+    p.add_argument("--batch_size", type=int, default=8, help="training batch of both methods")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of both (default: each paper's, 1e-4)")
+    p.add_argument("--fair_base", type=int, default=128, help="FAIR UNet base width (paper: 128)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--workers", type=int, default=2, help="batch-making workers")
+    p.add_argument("--seed", type=int, default=0, help="seed of both methods")
+    return p.parse_args(argv)
+
+
+def rcae_schedule(budget, split, rounds):
+    """Cut RcAE's per-stage minutes into `rounds` equal chunks: [[(stage index, minutes), ...], ...]."""
+    left = [budget * f for f in split]
+    chunk, out = budget / rounds, []
+    for _ in range(rounds):
+        part, need = [], chunk
+        for i in range(3):
+            take = min(left[i], need)
+            if take > 1e-9:
+                part.append((i, take))
+                left[i] -= take
+                need -= take
+        out.append(part)
+    return out
+
+
+def shared_flags(args, out):
+    flags = ["--data", args.data, "--out", out, "--image_size", str(args.image_size), "--batch_size",
+             str(args.batch_size), "--device", args.device, "--workers", str(args.workers), "--seed",
+             str(args.seed), "--epochs", "100000", "--log_every", "20", "--save_every", "100000"]
+    return flags + (["--lr", str(args.lr)] if args.lr else [])
+
+
+def last_rate(ckpt):
+    """Training images/s of a stage from the last line of its JSONL log."""
+    lines = [json.loads(s) for s in open(Path(ckpt).with_suffix(".log.jsonl")) if '"img_per_s"' in s]
+    return lines[-1]["img_per_s"] if lines else None
+
+
+def train_both(args, out):
+    split = [float(s) for s in args.split.split(",")]
+    if len(split) != 3 or abs(sum(split) - 1) > 1e-6:
+        raise common.UserError(f"--split needs three fractions summing to 1 (got {args.split})")
+    sched, fair_steps, t_used = rcae_schedule(args.budget_min, split, args.rounds), None, {"rcae": 0.0, "fair": 0.0}
+    for r, part in enumerate(sched):
+        for i, minutes in part:
+            t0 = time.time()
+            extra = ["--depth", str(args.depth)] if i == 0 else []
+            STAGES[i][1].main(shared_flags(args, out) + extra + ["--max_minutes", str(minutes)])
+            t_used["rcae"] += (time.time() - t0) / 60
+        t0 = time.time()
+        # FAIR's lr drops at 80%/90% of its steps: after the first chunk its step rate is known
+        cap = ["--max_steps", str(fair_steps)] if fair_steps else []
+        fair.main(shared_flags(args, out) + ["--base", str(args.fair_base), "--max_minutes",
+                                             str(args.budget_min / args.rounds)] + cap)
+        t_used["fair"] += (time.time() - t0) / 60
+        if fair_steps is None:
+            done = torch.load(Path(out) / "fair.pt", weights_only=True, map_location="cpu")["step"]
+            fair_steps = max(done + 1, round(done * args.rounds))
+        print(f"round {r + 1}/{args.rounds}: wall minutes so far rcae {t_used['rcae']:.1f}, fair {t_used['fair']:.1f}")
+    return t_used
+
+
+PROBE = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+kind, out, size, batch = {kind!r}, {out!r}, {size}, {batch}
+if kind == "rcae":
+    import stage3_crd
+    det = stage3_crd.load_detector(out)
+    run = lambda x: det.predict(x)
+else:
+    from baselines import fair
+    model, ck = fair.load_fair(out + "/fair.pt")
+    run = lambda x: fair.fair_maps(model, ck, x)
+x = torch.rand(batch, 3, size, size)
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+with torch.inference_mode():
+    run(torch.rand(1, 3, 64, 64))  # loads the kernels' libraries, which would dominate the peak
+    base = rss()
+    run(x)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(round(peak, 1), round(max(0.0, peak - base), 1))
+"""
+
+
+def peak_rss_mb(kind, out, size, batch):
+    """(peak RSS, its increase over the loaded model) in MiB of a bare process running one batch."""
+    code = PROBE.format(root=str(Path(__file__).resolve().parents[1]), kind=kind, out=str(out), size=size, batch=batch)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode:
+        common.warn(f"memory probe of {kind} failed: {res.stderr.strip().splitlines()[-1:]}")
+        return None, None
+    peak, delta = res.stdout.split()
+    return float(peak), float(delta)
+
+
+def interleaved_speed(out, size, device, batch=4, rounds=3):
+    """Inference images/s of the full RcAE pipeline and of FAIR on the same batch, timed alternately."""
+    det = stage3_crd.load_detector(out).to(device)
+    model, ck = fair.load_fair(Path(out) / "fair.pt")
+    model.to(device)
+    x = torch.rand(batch, 3, size, size, device=device)
+    fns = {"rcae": lambda: det.predict(x), "fair": lambda: fair.fair_maps(model, ck, x)}
+    times = {k: [] for k in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()  # warm-up
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[k].append(time.perf_counter() - t0)
+    return {k: round(batch / statistics.median(v), 3) for k, v in times.items()}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    out = args.out or str(Path("runs") / "compare" / Path(args.data).resolve().name)
+    device = common.get_device(args.device)
+    common.check_size(args.image_size, args.depth)
+    t_used = train_both(args, out)
+    evaluate.main(["--data", args.data, "--out", out, "--device", args.device, "--n_figures", "3"])
+    evaluate.main(["--data", args.data, "--out", out, "--device", args.device, "--method", "fair", "--n_figures", "3"])
+    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    speed = interleaved_speed(out, args.image_size, device)
+    mem = {kind: peak_rss_mb(kind, out, args.image_size, 4) for kind in ("rcae", "fair")}
+    train_rate = {"rcae": {name: last_rate(Path(out) / f"{name}.pt") for name, _ in STAGES},
+                  "fair": last_rate(Path(out) / "fair.pt")}
+    steps = {name: torch.load(Path(out) / f"{name}.pt", weights_only=True, map_location="cpu")["step"]
+             for name in [s for s, _ in STAGES] + ["fair"]}
+    rows = []
+    for method, variant in (("RcAE (full: RcAE+DPN+CRD)", "crd"), ("RcAE+DPN (residual)", "rcae+dpn"),
+                            ("RcAE (residual)", "rcae"), (f"FAIR (base {args.fair_base})", "fair")):
+        v = metrics["variants"][variant]
+        kind = "fair" if variant == "fair" else "rcae"
+        rows.append(dict(method=method, variant=variant, i_auroc=v["i_auroc"], p_auroc=v["p_auroc"], aupro=v["aupro"],
+                         params=v["params"], train_images_per_s=train_rate[kind],
+                         infer_images_per_s=speed[kind] if variant in ("crd", "fair") else round(v["images_per_s"], 3),
+                         peak_rss_mb=mem[kind] if variant in ("crd", "fair") else (None, None)))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    report = dict(data=args.data, image_size=args.image_size, budget_min=args.budget_min, rounds=args.rounds,
+                  split=args.split, wall_minutes=t_used, steps=steps, device=device_name,
+                  n_images=metrics["n_images"], n_anomalous=metrics["n_anomalous"], rows=rows,
+                  command="python -m benchmarks.compare " + " ".join(argv or __import__("sys").argv[1:]))
+    (Path(out) / "compare.json").write_text(json.dumps(report, indent=1))
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    mem_cell = lambda m: "" if m[0] is None else f"{m[0]:.0f} ({m[1]:.0f})"  # noqa: E731
+    md = [f"{Path(args.data).name}, {args.image_size}x{args.image_size}, {metrics['n_images']} test images "
+          f"({metrics['n_anomalous']} anomalous); training budget {args.budget_min:g} min per method on {device_name} "
+          f"(RcAE stages {args.split}); steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()), "",
+          "| method | I-AUROC | P-AUROC | AUPRO | params | train img/s | infer img/s | peak RSS MiB (inference part) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tr = r["train_images_per_s"]
+        tr = "/".join(str(v) for v in tr.values()) if isinstance(tr, dict) else tr
+        md.append(f"| {r['method']} | {pct(r['i_auroc'])} | {pct(r['p_auroc'])} | {pct(r['aupro'])} | {r['params']:,} "
+                  f"| {tr} | {r['infer_images_per_s']} | {mem_cell(r['peak_rss_mb'])} |")
+    md.append("\ntrain img/s of RcAE: stage 1/2/3. Inference of the full pipeline and of FAIR timed round-robin "
+              "on one batch; the residual variants' speed comes from evaluate.py. Peak RSS: a bare process loading the "
+              "method and running one batch of 4; in brackets its increase over the loaded model.")
+    (Path(out) / "compare.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    common.run_main(main)

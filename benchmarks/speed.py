@@ -1,0 +1,214 @@
+"""Speed report: images/s and achieved GFLOP/s of each stage's training step and of inference.
+
+Every number is measured in this process against the machine's own peak, a large matmul timed in the
+same run (fp32 on CPU; bf16 on CUDA). Items are timed round-robin (A, B, C, A, B, C, ...) and the median
+is reported, because a shared machine's speed drifts. FLOPs are counted by torch's FlopCounterMode
+(2 per multiply-add; convolutions and matmuls only, so elementwise work is "free" in GFLOP/s).
+
+    python -m benchmarks.speed                                  # CPU: 128, 256, 512 px
+    python -m benchmarks.speed --sizes 256 1024 --device cuda   # GPU: bf16 autocast, paper size
+    python -m benchmarks.speed --sizes 256 --profile stage3     # torch.profiler table of one item
+
+Writes benchmarks/results/speed_<device>.json and .md (override with --out).
+Models are the defaults of each stage at random initialisation: speed does not depend on training.
+"""
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+import stage1_rcae
+import stage2_dpn
+import stage3_crd
+from baselines import fair
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512], help="square image sizes")
+    p.add_argument("--batch_size", type=int, default=8, help="images per step (the stages' default)")
+    p.add_argument("--depth", type=int, default=5, help="recursion depth N (paper: 5)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per item (median reported)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--amp", type=int, default=1, help="bf16 autocast on CUDA (1/0)")
+    p.add_argument("--channels_last", type=int, default=0, help="channels_last memory format (1/0)")
+    p.add_argument("--compile", type=int, default=0, help="torch.compile the networks (1/0)")
+    p.add_argument("--fair", type=int, default=1, help="also time the FAIR baseline (base 128) (1/0)")
+    p.add_argument("--fair_batch", type=int, default=2, help="FAIR batch (it is ~70x larger than RcAE)")
+    p.add_argument("--profile", default=None, help="print the torch.profiler table of this item and exit")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown")
+    return p.parse_args(argv)
+
+
+def matmul_peak(device, seconds=2.0):
+    """Achieved GFLOP/s of a large square matmul: fp32 on CPU, bf16 on CUDA."""
+    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        runs += 1
+    sync(device)
+    return 2 * n ** 3 * runs / (time.perf_counter() - t0) / 1e9
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def models(depth, device, args):
+    """The three stages at their default widths (random init), plus FAIR's UNet."""
+    rcae = stage1_rcae.RcAE(stage1_rcae.Config(depth=depth))
+    dpn = stage2_dpn.DPN(stage2_dpn.Config(depth=depth))
+    crd = stage3_crd.CRD(stage3_crd.Config(depth=depth))
+    out = {"rcae": rcae, "dpn": dpn, "crd": crd}
+    if args.fair:
+        out["fair"] = fair.FAIR(fair.Config())
+    for m in out.values():
+        m.to(device)
+        if args.channels_last:
+            m.to(memory_format=torch.channels_last)
+    return out
+
+
+def items(m, size, args, device):
+    """name -> (closure running one step on a fixed batch, images per call)."""
+    b, n = args.batch_size, args.depth
+    x = torch.rand(b, 3, size, size, device=device)
+    mask = (torch.rand(b, 1, size, size, device=device) > 0.99).float()
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rcae, dpn, crd = m["rcae"], m["dpn"], m["crd"]
+    net = {k: torch.compile(v) if args.compile else v for k, v in m.items()}
+    amp = lambda: common.autocast(device, args.amp)  # noqa: E731
+    depth_cycle = iter(range(10 ** 9))
+
+    def stage1():  # one optimiser-free train step; depth cycles through 1..N like the sampled depth
+        rcae.train().requires_grad_(True)
+        k = next(depth_cycle) % n + 1
+        with amp():
+            loss, _ = stage1_rcae.recon_loss(net["rcae"](x, k).float(), x)
+        loss.backward()
+
+    def stage2():
+        rcae.eval().requires_grad_(False)
+        dpn.train().requires_grad_(True)
+        with amp():
+            with torch.no_grad():
+                recons = rcae.reconstruct_all(x)  # (B, N, C, H, W)
+            loss, _ = stage2_dpn.dpn_loss(net["dpn"].refine(recons, x).float(), x)
+        loss.backward()
+
+    def stage3():
+        rcae.eval().requires_grad_(False)
+        dpn.eval().requires_grad_(False)
+        crd.train().requires_grad_(True)
+        with amp():
+            with torch.no_grad():
+                _, _, inp = stage3_crd.frozen_forward(rcae, dpn, x, crd.cfg.use_depths)
+            loss, _ = stage3_crd.crd_loss(net["crd"](inp).float(), mask)
+        loss.backward()
+
+    detector = stage3_crd.Detector(rcae.eval(), dpn.eval(), crd.eval())
+
+    @torch.inference_mode()
+    def infer():  # the full pipeline: every depth's reconstruction, DPN, CRD map, image score
+        with amp():
+            common.topk_mean(detector(x)["map"].float(), 0.01)
+
+    out = {"train stage1 RcAE": (stage1, b), "train stage2 DPN": (stage2, b), "train stage3 CRD": (stage3, b),
+           "infer RcAE+DPN+CRD": (infer, b)}
+    if args.fair:
+        fb = min(args.fair_batch, b)
+        xf = x[:fb]
+        f = m["fair"]
+
+        def fair_train():
+            f.train().requires_grad_(True)
+            with amp():
+                loss, _ = fair.fair_loss(net["fair"](xf).float(), xf)
+            loss.backward()
+
+        @torch.inference_mode()
+        def fair_infer():
+            f.eval()
+            with amp():
+                fair.fair_maps(f, {"args": {}}, xf)
+
+        out["train FAIR"] = (fair_train, fb)
+        out["infer FAIR"] = (fair_infer, fb)
+    return out
+
+
+def count_flops(fn, calls=1):
+    with FlopCounterMode(display=False) as fc:
+        for _ in range(calls):
+            fn()
+    return fc.get_total_flops() / calls
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = common.get_device(args.device)
+    torch.manual_seed(0)
+    peak = matmul_peak(device)
+    print(f"device {device} ({torch.get_num_threads()} threads): matmul peak {peak:.1f} GFLOP/s")
+    m = models(args.depth, device, args)
+    params = {k: sum(p.numel() for p in v.parameters()) for k, v in m.items()}
+    rows = []
+    for size in args.sizes:
+        its = items(m, size, args, device)
+        if args.profile:
+            fn = next(v[0] for k, v in its.items() if args.profile.lower() in k.lower())
+            fn()
+            with torch.profiler.profile() as prof:
+                fn()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+            return
+        flops = {k: count_flops(fn, 1 if "stage1" not in k else args.depth) for k, (fn, _) in its.items()}
+        for fn, _ in its.values():  # warm-up (and compile)
+            fn()
+        times = {k: [] for k in its}
+        for _ in range(args.repeats):  # round-robin: drift hits every item alike
+            for k, (fn, _) in its.items():
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[k].append(time.perf_counter() - t0)
+        for k, (_, imgs) in its.items():
+            t = statistics.median(times[k])
+            gflops = flops[k] / t / 1e9
+            rows.append(dict(item=k, size=size, batch=imgs, images_per_s=round(imgs / t, 3),
+                             gflop_per_image=round(flops[k] / imgs / 1e9, 3), gflop_per_s=round(gflops, 1),
+                             pct_of_peak=round(100 * gflops / peak, 1)))
+            print(f"{size:5d}px  {k:22s} {imgs / t:9.2f} img/s  {flops[k] / imgs / 1e9:8.2f} GFLOP/img  "
+                  f"{gflops:7.1f} GFLOP/s  {100 * gflops / peak:5.1f}% of peak", flush=True)
+    report = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
+                  f"cpu x{torch.get_num_threads()} threads", matmul_peak_gflops=round(peak, 1), params=params,
+                  settings={k: getattr(args, k) for k in ("batch_size", "depth", "amp", "channels_last", "compile")},
+                  rows=rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"{device.type}" + ("_cl" if args.channels_last else "") + ("_compile" if args.compile else "")
+    (out / f"speed_{tag}.json").write_text(json.dumps(report, indent=1))
+    md = [f"device: {report['device_name']}, matmul peak {peak:.1f} GFLOP/s; batch {args.batch_size} "
+          f"(FAIR {min(args.fair_batch, args.batch_size)}), N = {args.depth}", "",
+          "| size | item | images/s | GFLOP/image | GFLOP/s | % of matmul peak |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['size']} | {r['item']} | {r['images_per_s']} | {r['gflop_per_image']} | {r['gflop_per_s']} | "
+           f"{r['pct_of_peak']} |" for r in rows]
+    md += ["", "parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items())]
+    (out / f"speed_{tag}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    common.run_main(main)
