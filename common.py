@@ -16,6 +16,7 @@ Make a synthetic category (nothing to download):
 """
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -463,6 +464,26 @@ def load_checkpoint(path, stage, hint=""):
     if ck.get("version") != VERSION:
         raise UserError(f"{path} has checkpoint format version {ck.get('version')}, this code reads {VERSION}")
     return ck
+
+
+def fingerprint(state_dict):
+    """sha256 of a state_dict's names and bytes: ties a downstream checkpoint to its exact upstream."""
+    h = hashlib.sha256()
+    for k, t in state_dict.items():
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_upstream_unchanged(ckpt_path, stage, upstream, args):
+    """A run resumed (or found finished) on disk must have been trained on the same upstream weights."""
+    if args.overwrite or not Path(ckpt_path).is_file():
+        return
+    old = load_checkpoint(ckpt_path, stage).get("upstream", {})
+    changed = [k for k, v in upstream.items() if k.endswith("_sha") and old.get(k) != v]
+    if changed:
+        raise UserError(f"{ckpt_path} was trained on other upstream weights ({', '.join(changed)} differ: "
+                        f"an upstream stage was retrained): pass --overwrite to train this stage again")
 
 
 def build_from_checkpoint(ck, model_cls, config_cls):

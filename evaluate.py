@@ -231,8 +231,7 @@ def _missing(stage, out, data):
 
 def _check_chain(st, data):
     """Each later stage names the sha256 of the weights it was trained on; refuse a retrained upstream."""
-    from stage2_dpn import fingerprint
-    sha = {name.split("_")[1]: fingerprint(ck["model"]) for name, (_, ck) in st.items()}  # rcae, dpn, crd
+    sha = {name.split("_")[1]: common.fingerprint(ck["model"]) for name, (_, ck) in st.items()}  # rcae, dpn, crd
     size, depth = st["stage1_rcae"][1]["model_config"]["image_size"], st["stage1_rcae"][1]["model_config"]["depth"]
     for name, (_, ck) in list(st.items())[1:]:
         cfg = ck["model_config"]

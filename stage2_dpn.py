@@ -18,7 +18,6 @@ Reads:  <out>/stage1_rcae.pt (--rcae; image_size, depth and holdout are inherite
 Writes: <out>/stage2_dpn.pt (and stage2_dpn.log.jsonl).
 """
 import argparse
-import hashlib
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -44,15 +43,6 @@ def get_args(argv=None):
     return common.finish_args(p.parse_args(argv))
 
 
-def fingerprint(state_dict):
-    """sha256 of a state_dict's names and bytes: ties a downstream checkpoint to its exact upstream."""
-    h = hashlib.sha256()
-    for k, t in state_dict.items():
-        h.update(k.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def upstream_rcae(args):
     """Load the frozen RcAE of --rcae, inherit its settings into args (refusing conflicts)."""
     args.rcae = args.rcae or f"{args.out}/stage1_rcae.pt"
@@ -62,17 +52,6 @@ def upstream_rcae(args):
     if Path(ck["args"]["data"]).resolve() != Path(args.data).resolve():
         common.warn(f"{args.rcae} was trained on {ck['args']['data']}, this stage trains on {args.data}")
     return rcae, ck
-
-
-def check_upstream_unchanged(ckpt_path, stage, upstream, args):
-    """A run resumed (or found finished) on disk must have been trained on the same upstream weights."""
-    if args.overwrite or not Path(ckpt_path).is_file():
-        return
-    old = common.load_checkpoint(ckpt_path, stage).get("upstream", {})
-    changed = [k for k, v in upstream.items() if k.endswith("_sha") and old.get(k) != v]
-    if changed:
-        raise UserError(f"{ckpt_path} was trained on other upstream weights ({', '.join(changed)} differ: "
-                        f"an upstream stage was retrained): pass --overwrite to train this stage again")
 
 
 # ----------------------------------------------------------------------------- model
@@ -154,8 +133,8 @@ def main(argv=None):
     print(f"{STAGE}: {len(images)} training images at {args.image_size}px, refining depths 1..{cfg.depth}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters; RcAE frozen from {args.rcae}")
 
-    upstream = {"rcae": str(Path(args.rcae).resolve()), "rcae_sha": fingerprint(rcae_ck["model"])}
-    check_upstream_unchanged(f"{args.out}/{STAGE}.pt", STAGE, upstream, args)
+    upstream = {"rcae": str(Path(args.rcae).resolve()), "rcae_sha": common.fingerprint(rcae_ck["model"])}
+    common.check_upstream_unchanged(f"{args.out}/{STAGE}.pt", STAGE, upstream, args)
     common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
                  make_batch=make_batch, loss_fn=partial(loss_fn, rcae=rcae),
                  ckpt_path=f"{args.out}/{STAGE}.pt", extra={"upstream": upstream})

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import common
 from common import UserError, grad
 from stage1_rcae import load_rcae
-from stage2_dpn import check_upstream_unchanged, fingerprint, load_dpn, upstream_rcae
+from stage2_dpn import load_dpn, upstream_rcae
 
 STAGE = "stage3_crd"
 
@@ -87,12 +87,12 @@ def upstream(args):
     rcae, rcae_ck = upstream_rcae(args)  # fills args.rcae, inherits image_size/depth/holdout
     args.dpn = args.dpn or f"{args.out}/stage2_dpn.pt"
     dpn, dpn_ck = load_dpn(args.dpn)
-    sha = fingerprint(rcae_ck["model"])
+    sha = common.fingerprint(rcae_ck["model"])
     if dpn_ck["upstream"]["rcae_sha"] != sha:
         raise UserError(f"{args.dpn} was trained on the RcAE {dpn_ck['upstream']['rcae']}, not on the weights in "
                         f"{args.rcae}: run `python stage2_dpn.py --data {args.data} --rcae {args.rcae} --overwrite` "
                         f"first, or pass the matching --rcae")
-    dpn_sha = fingerprint(dpn_ck["model"])
+    dpn_sha = common.fingerprint(dpn_ck["model"])
     return rcae, dpn, {"rcae": str(Path(args.rcae).resolve()), "rcae_sha": sha,
                        "dpn": str(Path(args.dpn).resolve()), "dpn_sha": dpn_sha}
 
@@ -248,7 +248,7 @@ def main(argv=None):
           f"{sum(p.numel() for p in model.parameters()):,} parameters; RcAE {args.rcae} and DPN {args.dpn} frozen")
 
     path = f"{args.out}/{STAGE}.pt"
-    check_upstream_unchanged(path, STAGE, ups, args)
+    common.check_upstream_unchanged(path, STAGE, ups, args)
     ck = common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
                       make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob),
                       loss_fn=partial(loss_fn, rcae=rcae, dpn=dpn, depths=cfg.use_depths),
@@ -276,7 +276,7 @@ def load_detector(out, rcae=None, dpn=None, crd=None):
     crd_m, crd_ck = load_crd(crd or f"{out}/stage3_crd.pt")
     ups = crd_ck["upstream"]
     for name, ck in (("rcae", rcae_ck), ("dpn", dpn_ck)):
-        if fingerprint(ck["model"]) != ups[f"{name}_sha"]:
+        if common.fingerprint(ck["model"]) != ups[f"{name}_sha"]:
             raise UserError(f"the CRD in {crd or f'{out}/stage3_crd.pt'} was trained with the {name} {ups[name]}, "
                             f"not with the weights loaded now: pass that --{name}, or retrain stage 3")
     cal = crd_ck.get("calibration") or {}

@@ -232,7 +232,7 @@ def test_chain_dpn_checkpoint(chain):
     assert ck["args"]["depth"] == 3 and ck["args"]["image_size"] == 64 and ck["args"]["holdout"] == 0.1
     assert ck["args"]["rcae"] == str(chain.out / "stage1_rcae.pt")
     rcae_ck = torch.load(chain.out / "stage1_rcae.pt", weights_only=True)
-    assert ck["upstream"]["rcae_sha"] == stage2_dpn.fingerprint(rcae_ck["model"])
+    assert ck["upstream"]["rcae_sha"] == common.fingerprint(rcae_ck["model"])
     assert not dpn.training and not any(p.requires_grad for p in dpn.parameters())
     assert any(v.abs().sum() > 0 for v in dpn.ae.dec1.state_dict().values())  # it trained off zero
 
