@@ -9,12 +9,17 @@ is reported, because a shared machine's speed drifts. FLOPs are counted by torch
     python -m benchmarks.speed --sizes 256 1024 --device cuda   # GPU: bf16 autocast, paper size
     python -m benchmarks.speed --sizes 256 --profile stage3     # torch.profiler table of one item
 
+Peak memory (CPU): each item once more in a fresh process, its peak RSS above the loaded and warmed-up
+baseline, so items do not inherit each other's high-water mark; on CUDA, max_memory_allocated.
 Writes benchmarks/results/speed_<device>.json and .md (override with --out).
 Models are the defaults of each stage at random initialisation: speed does not depend on training.
 """
 import argparse
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +46,8 @@ def get_args(argv=None):
     p.add_argument("--fair", type=int, default=1, help="also time the FAIR baseline (base 128) (1/0)")
     p.add_argument("--fair_batch", type=int, default=2, help="FAIR batch (it is ~70x larger than RcAE)")
     p.add_argument("--profile", default=None, help="print the torch.profiler table of this item and exit")
+    p.add_argument("--memory", type=int, default=1, help="also measure each item's peak RSS in a subprocess (1/0)")
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one item's memory, in a child
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown")
     return p.parse_args(argv)
 
@@ -124,7 +131,18 @@ def items(m, size, args, device):
         with amp():
             common.topk_mean(detector(x)["map"].float(), 0.01)
 
+    @torch.inference_mode()
+    def infer_rcae():  # evaluate.py's `rcae` variant: the depth-N reconstruction only
+        with amp():
+            rcae(x)
+
+    @torch.inference_mode()
+    def infer_dpn():  # evaluate.py's `rcae+dpn` variant: depth N, refined by DPN
+        with amp():
+            dpn.refine(rcae(x)[:, None], x)
+
     out = {"train stage1 RcAE": (stage1, b), "train stage2 DPN": (stage2, b), "train stage3 CRD": (stage3, b),
+           "infer rcae (I_R^N)": (infer_rcae, b), "infer rcae+dpn (I_D^N)": (infer_dpn, b),
            "infer RcAE+DPN+CRD": (infer, b)}
     if args.fair:
         fb = min(args.fair_batch, b)
@@ -148,6 +166,37 @@ def items(m, size, args, device):
     return out
 
 
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+def hwm_mb():
+    """Peak RSS since the last reset (VmHWM)."""
+    line = next(s for s in open("/proc/self/status") if s.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def probe(args, device, m, size):
+    """Child process: one call of one item; prints its peak RSS above the warmed-up, loaded baseline."""
+    items(m, 64, args, device)[args.probe][0]()  # loads the kernels' libraries (part of the baseline)
+    fn = items(m, size, args, device)[args.probe][0]
+    base = rss_mb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS, so earlier transients do not count
+    fn()
+    print(f"PEAK {hwm_mb() - base:.1f}")
+
+
+def peak_mb(item, size, argv):
+    """Peak RSS (MiB, above baseline) of one call of `item` at `size`, in a fresh process; None off Linux."""
+    if not Path("/proc/self/statm").exists():
+        return None
+    res = subprocess.run([sys.executable, "-m", "benchmarks.speed", *argv, "--sizes", str(size), "--probe", item],
+                         capture_output=True, text=True)
+    lines = [s for s in res.stdout.splitlines() if s.startswith("PEAK ")]
+    return float(lines[-1].split()[1]) if lines else None
+
+
 def count_flops(fn, calls=1):
     with FlopCounterMode(display=False) as fc:
         for _ in range(calls):
@@ -155,13 +204,22 @@ def count_flops(fn, calls=1):
     return fc.get_total_flops() / calls
 
 
+def argv_of(args):
+    """The flags a probe child needs to rebuild the same items."""
+    return ["--batch_size", str(args.batch_size), "--depth", str(args.depth), "--device", args.device,
+            "--amp", str(args.amp), "--channels_last", str(args.channels_last), "--fair", str(args.fair),
+            "--fair_batch", str(args.fair_batch)]
+
+
 def main(argv=None):
     args = get_args(argv)
     device = common.get_device(args.device)
     torch.manual_seed(0)
+    m = models(args.depth, device, args)
+    if args.probe:
+        return probe(args, device, m, args.sizes[0])
     peak = matmul_peak(device)
     print(f"device {device} ({torch.get_num_threads()} threads): matmul peak {peak:.1f} GFLOP/s")
-    m = models(args.depth, device, args)
     params = {k: sum(p.numel() for p in v.parameters()) for k, v in m.items()}
     rows = []
     for size in args.sizes:
@@ -187,11 +245,16 @@ def main(argv=None):
         for k, (_, imgs) in its.items():
             t = statistics.median(times[k])
             gflops = flops[k] / t / 1e9
+            mem = peak_mb(k, size, argv_of(args)) if args.memory and device.type == "cpu" else None
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                its[k][0]()
+                mem = torch.cuda.max_memory_allocated(device) / 2 ** 20
             rows.append(dict(item=k, size=size, batch=imgs, images_per_s=round(imgs / t, 3),
                              gflop_per_image=round(flops[k] / imgs / 1e9, 3), gflop_per_s=round(gflops, 1),
-                             pct_of_peak=round(100 * gflops / peak, 1)))
-            print(f"{size:5d}px  {k:22s} {imgs / t:9.2f} img/s  {flops[k] / imgs / 1e9:8.2f} GFLOP/img  "
-                  f"{gflops:7.1f} GFLOP/s  {100 * gflops / peak:5.1f}% of peak", flush=True)
+                             pct_of_peak=round(100 * gflops / peak, 1), peak_mem_mb=mem and round(mem)))
+            print(f"{size:5d}px  {k:24s} {imgs / t:9.2f} img/s  {flops[k] / imgs / 1e9:8.2f} GFLOP/img  "
+                  f"{gflops:7.1f} GFLOP/s  {100 * gflops / peak:5.1f}% of peak  {mem or 0:7.0f} MiB", flush=True)
     report = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   f"cpu x{torch.get_num_threads()} threads", matmul_peak_gflops=round(peak, 1), params=params,
                   settings={k: getattr(args, k) for k in ("batch_size", "depth", "amp", "channels_last", "compile")},
@@ -202,9 +265,12 @@ def main(argv=None):
     (out / f"speed_{tag}.json").write_text(json.dumps(report, indent=1))
     md = [f"device: {report['device_name']}, matmul peak {peak:.1f} GFLOP/s; batch {args.batch_size} "
           f"(FAIR {min(args.fair_batch, args.batch_size)}), N = {args.depth}", "",
-          "| size | item | images/s | GFLOP/image | GFLOP/s | % of matmul peak |", "|---|---|---|---|---|---|"]
+          "| size | item | images/s | GFLOP/image | GFLOP/s | % of matmul peak | peak memory MiB |",
+          "|---|---|---|---|---|---|---|"]
     md += [f"| {r['size']} | {r['item']} | {r['images_per_s']} | {r['gflop_per_image']} | {r['gflop_per_s']} | "
-           f"{r['pct_of_peak']} |" for r in rows]
+           f"{r['pct_of_peak']} | {r['peak_mem_mb'] or ''} |" for r in rows]
+    md += ["", "peak memory: CPU, peak RSS of one call in a fresh process above its loaded, warmed-up baseline; "
+           "CUDA, torch.cuda.max_memory_allocated of one call"]
     md += ["", "parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items())]
     (out / f"speed_{tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
