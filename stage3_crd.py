@@ -141,8 +141,10 @@ class CRD(nn.Module):
         self.head = nn.Conv3d(w, 1, (nr, 1, 1))
         self.act = nn.LeakyReLU(0.1)
 
+    memory_format = torch.channels_last_3d  # oneDNN's fast 3D layout: 1.4x on CPU (benchmarks/optimisations.py)
+
     def forward(self, x):
-        x = x.contiguous(memory_format=torch.channels_last_3d)  # oneDNN's fast 3D layout: 1.4x on CPU
+        x = x.contiguous(memory_format=self.memory_format)
         e1 = self.act(self.enc1(x))  # (B, w, NR, H, W)
         e2 = self.act(self.enc2(e1))  # (B, 2w, NR, H/2, W/2)
         e3 = self.act(self.enc3(e2))  # (B, 4w, NR, H/4, W/4)

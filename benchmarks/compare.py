@@ -1,11 +1,13 @@
-"""RcAE vs FAIR side by side: the same category, image size and wall-clock training budget.
+"""RcAE vs FAIR side by side: the same category, image size and training budget.
 
-Both methods are trained in this one process, interleaved in chunks (RcAE chunk, FAIR chunk, ...) so
-that the machine's drifting speed hits both alike; RcAE's share is split over its three stages
-(--split, fractions of the budget). Every chunk is a resumed `main()` call with --max_minutes, so no
-training code is duplicated here. Then evaluate.py scores both on the test split, and inference speed
-is timed round-robin on the same batch. Peak memory is the peak RSS of a fresh process (spawned)
-running one inference batch of each method, so the two numbers share the same baseline.
+The budget is compute on this machine, not wall time that a busy machine stretches: first the training
+step of every RcAE stage and of FAIR is timed round-robin (A, B, C, D, A, ...; speed drifts, so the
+methods are measured together), then each gets the number of steps that fits its minutes
+(`steps = minutes * 60 / seconds per step`; RcAE's minutes are split over its stages by --split).
+FAIR's learning-rate drops at 80% and 90% therefore fall where its paper puts them. Every stage is a
+plain `main()` call with --max_steps, so no training code is duplicated here. evaluate.py then scores
+both on the test split, and inference is timed round-robin on one batch. Peak memory is the peak RSS of
+a bare process running one inference batch of each method above its loaded baseline.
 
     python -m benchmarks.compare --data ../shared/data/magnetic_tile --budget-min 20
     python -m benchmarks.compare --data data/toy --budget-min 1 --image_size 64   # smoke run
@@ -29,6 +31,7 @@ import stage1_rcae
 import stage2_dpn
 import stage3_crd
 from baselines import fair
+from benchmarks import speed
 
 STAGES = [("stage1_rcae", stage1_rcae), ("stage2_dpn", stage2_dpn), ("stage3_crd", stage3_crd)]
 
@@ -37,11 +40,10 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="one category folder (MVTec AD or VisA layout)")
     p.add_argument("--out", default=None, help="output folder (default: runs/compare/<category>)")
-    p.add_argument("--budget-min", dest="budget_min", type=float, default=20, help="training minutes per method")
+    p.add_argument("--budget-min", dest="budget_min", type=float, default=20, help="training minutes per method, on this machine's measured speed")
     p.add_argument("--image_size", type=int, default=256, help="the same for both methods")
     p.add_argument("--depth", type=int, default=5, help="RcAE recursion depth N (paper: 5)")
     p.add_argument("--split", default="0.4,0.2,0.4", help="RcAE budget fractions of stages 1, 2, 3")
-    p.add_argument("--rounds", type=int, default=4, help="interleaved chunks per method")
     p.add_argument("--batch_size", type=int, default=8, help="training batch of both methods")
     p.add_argument("--lr", type=float, default=None, help="learning rate of both (default: each paper's, 1e-4)")
     p.add_argument("--fair_base", type=int, default=128, help="FAIR UNet base width (paper: 128)")
@@ -51,62 +53,60 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def rcae_schedule(budget, split, rounds):
-    """Cut RcAE's per-stage minutes into `rounds` equal chunks: [[(stage index, minutes), ...], ...]."""
-    left = [budget * f for f in split]
-    chunk, out = budget / rounds, []
-    for _ in range(rounds):
-        part, need = [], chunk
-        for i in range(3):
-            take = min(left[i], need)
-            if take > 1e-9:
-                part.append((i, take))
-                left[i] -= take
-                need -= take
-        out.append(part)
-    return out
-
-
 def shared_flags(args, out):
     flags = ["--data", args.data, "--out", out, "--image_size", str(args.image_size), "--batch_size",
              str(args.batch_size), "--device", args.device, "--workers", str(args.workers), "--seed",
-             str(args.seed), "--epochs", "100000", "--log_every", "20", "--save_every", "100000"]
+             str(args.seed), "--epochs", "100000", "--log_every", "20"]
     return flags + (["--lr", str(args.lr)] if args.lr else [])
 
 
-def last_rate(ckpt):
-    """Training images/s of a stage from the last line of its JSONL log."""
-    lines = [json.loads(s) for s in open(Path(ckpt).with_suffix(".log.jsonl")) if '"img_per_s"' in s]
-    return lines[-1]["img_per_s"] if lines else None
+def step_seconds(args, device):
+    """Seconds per training step of stages 1-3 and FAIR at this size and batch, timed round-robin."""
+    sargs = speed.get_args(["--batch_size", str(args.batch_size), "--depth", str(args.depth), "--device",
+                            args.device, "--repeats", "3"])
+    m = speed.models(args.depth, device, sargs)
+    m["fair"] = fair.FAIR(fair.Config(base=args.fair_base)).to(device)
+    sargs.fair_batch, sargs.fair_sizes = args.batch_size, [args.image_size]
+    its = speed.items(m, args.image_size, sargs, device)
+    names = {"stage1_rcae": "train stage1 RcAE", "stage2_dpn": "train stage2 DPN",
+             "stage3_crd": "train stage3 CRD", "fair": "train FAIR"}
+    fns = {k: its[v][0] for k, v in names.items()}
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(sargs.repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def train_both(args, out):
+def train_both(args, out, device):
     split = [float(s) for s in args.split.split(",")]
     if len(split) != 3 or abs(sum(split) - 1) > 1e-6:
         raise common.UserError(f"--split needs three fractions summing to 1 (got {args.split})")
-    sched, fair_steps, t_used = rcae_schedule(args.budget_min, split, args.rounds), None, {"rcae": 0.0, "fair": 0.0}
-    for r, part in enumerate(sched):
-        for i, minutes in part:
-            t0 = time.time()
-            extra = ["--depth", str(args.depth)] if i == 0 else []
-            STAGES[i][1].main(shared_flags(args, out) + extra + ["--max_minutes", str(minutes)])
-            t_used["rcae"] += (time.time() - t0) / 60
+    sec = step_seconds(args, device)
+    minutes = {"stage1_rcae": split[0] * args.budget_min, "stage2_dpn": split[1] * args.budget_min,
+               "stage3_crd": split[2] * args.budget_min, "fair": args.budget_min}
+    steps = {k: max(1, round(minutes[k] * 60 / sec[k])) for k in sec}
+    print("seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items()))
+    print("steps in the budget: " + ", ".join(f"{k} {v}" for k, v in steps.items()))
+    wall = {}
+    for name, module in STAGES + [("fair", fair)]:
+        extra = {"stage1_rcae": ["--depth", str(args.depth)], "fair": ["--base", str(args.fair_base)]}.get(name, [])
         t0 = time.time()
-        # FAIR's lr drops at 80%/90% of its steps: after the first chunk its step rate is known
-        cap = ["--max_steps", str(fair_steps)] if fair_steps else []
-        fair.main(shared_flags(args, out) + ["--base", str(args.fair_base), "--max_minutes",
-                                             str(args.budget_min / args.rounds)] + cap)
-        t_used["fair"] += (time.time() - t0) / 60
-        if fair_steps is None:
-            done = torch.load(Path(out) / "fair.pt", weights_only=True, map_location="cpu")["step"]
-            fair_steps = max(done + 1, round(done * args.rounds))
-        print(f"round {r + 1}/{args.rounds}: wall minutes so far rcae {t_used['rcae']:.1f}, fair {t_used['fair']:.1f}")
-    return t_used
+        module.main(shared_flags(args, out) + extra + ["--max_steps", str(steps[name])])
+        wall[name] = round((time.time() - t0) / 60, 2)
+    return dict(seconds_per_step={k: round(v, 3) for k, v in sec.items()}, budget_steps=steps, wall_minutes=wall)
 
 
 PROBE = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
+from benchmarks.speed import hwm_mb, rss_mb
 kind, out, size, batch = {kind!r}, {out!r}, {size}, {batch}
 if kind == "rcae":
     import stage3_crd
@@ -116,14 +116,13 @@ else:
     from baselines import fair
     model, ck = fair.load_fair(out + "/fair.pt")
     run = lambda x: fair.fair_maps(model, ck, x)
-x = torch.rand(batch, 3, size, size)
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 with torch.inference_mode():
     run(torch.rand(1, 3, 64, 64))  # loads the kernels' libraries, which would dominate the peak
-    base = rss()
+    x = torch.rand(batch, 3, size, size)
+    base = rss_mb()
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
     run(x)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(round(peak, 1), round(max(0.0, peak - base), 1))
+print(round(hwm_mb(), 1), round(hwm_mb() - base, 1))
 """
 
 
@@ -164,14 +163,14 @@ def main(argv=None):
     out = args.out or str(Path("runs") / "compare" / Path(args.data).resolve().name)
     device = common.get_device(args.device)
     common.check_size(args.image_size, args.depth)
-    t_used = train_both(args, out)
+    budget = train_both(args, out, device)
     evaluate.main(["--data", args.data, "--out", out, "--device", args.device, "--n_figures", "3"])
     evaluate.main(["--data", args.data, "--out", out, "--device", args.device, "--method", "fair", "--n_figures", "3"])
     metrics = json.loads((Path(out) / "metrics.json").read_text())
-    speed = interleaved_speed(out, args.image_size, device)
+    infer = interleaved_speed(out, args.image_size, device)
     mem = {kind: peak_rss_mb(kind, out, args.image_size, 4) for kind in ("rcae", "fair")}
-    train_rate = {"rcae": {name: last_rate(Path(out) / f"{name}.pt") for name, _ in STAGES},
-                  "fair": last_rate(Path(out) / "fair.pt")}
+    rate = {k: round(args.batch_size / v, 3) for k, v in budget["seconds_per_step"].items()}
+    train_rate = {"rcae": {name: rate[name] for name, _ in STAGES}, "fair": rate["fair"]}
     steps = {name: torch.load(Path(out) / f"{name}.pt", weights_only=True, map_location="cpu")["step"]
              for name in [s for s, _ in STAGES] + ["fair"]}
     rows = []
@@ -181,11 +180,11 @@ def main(argv=None):
         kind = "fair" if variant == "fair" else "rcae"
         rows.append(dict(method=method, variant=variant, i_auroc=v["i_auroc"], p_auroc=v["p_auroc"], aupro=v["aupro"],
                          params=v["params"], train_images_per_s=train_rate[kind],
-                         infer_images_per_s=speed[kind] if variant in ("crd", "fair") else round(v["images_per_s"], 3),
+                         infer_images_per_s=infer[kind] if variant in ("crd", "fair") else round(v["images_per_s"], 3),
                          peak_rss_mb=mem[kind] if variant in ("crd", "fair") else (None, None)))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    report = dict(data=args.data, image_size=args.image_size, budget_min=args.budget_min, rounds=args.rounds,
-                  split=args.split, wall_minutes=t_used, steps=steps, device=device_name,
+    report = dict(data=args.data, image_size=args.image_size, budget_min=args.budget_min, split=args.split,
+                  **budget, steps=steps, device=device_name,
                   n_images=metrics["n_images"], n_anomalous=metrics["n_anomalous"], rows=rows,
                   command="python -m benchmarks.compare " + " ".join(argv or __import__("sys").argv[1:]))
     (Path(out) / "compare.json").write_text(json.dumps(report, indent=1))

@@ -44,6 +44,8 @@ def get_args(argv=None):
     p.add_argument("--channels_last", type=int, default=0, help="channels_last memory format (1/0)")
     p.add_argument("--compile", type=int, default=0, help="torch.compile the networks (1/0)")
     p.add_argument("--fair", type=int, default=1, help="also time the FAIR baseline (base 128) (1/0)")
+    p.add_argument("--fair_sizes", type=int, nargs="+", default=[256], help="sizes at which FAIR is timed")
+    p.add_argument("--fair_base", type=int, default=128, help="FAIR UNet base width (paper: 128)")
     p.add_argument("--fair_batch", type=int, default=2, help="FAIR batch (it is ~70x larger than RcAE)")
     p.add_argument("--profile", default=None, help="print the torch.profiler table of this item and exit")
     p.add_argument("--memory", type=int, default=1, help="also measure each item's peak RSS in a subprocess (1/0)")
@@ -78,7 +80,7 @@ def models(depth, device, args):
     crd = stage3_crd.CRD(stage3_crd.Config(depth=depth))
     out = {"rcae": rcae, "dpn": dpn, "crd": crd}
     if args.fair:
-        out["fair"] = fair.FAIR(fair.Config())
+        out["fair"] = fair.FAIR(fair.Config(base=args.fair_base))
     for m in out.values():
         m.to(device)
         if args.channels_last:
@@ -144,7 +146,7 @@ def items(m, size, args, device):
     out = {"train stage1 RcAE": (stage1, b), "train stage2 DPN": (stage2, b), "train stage3 CRD": (stage3, b),
            "infer rcae (I_R^N)": (infer_rcae, b), "infer rcae+dpn (I_D^N)": (infer_dpn, b),
            "infer RcAE+DPN+CRD": (infer, b)}
-    if args.fair:
+    if args.fair and size in args.fair_sizes:
         fb = min(args.fair_batch, b)
         xf = x[:fb]
         f = m["fair"]
@@ -178,6 +180,7 @@ def hwm_mb():
 
 def probe(args, device, m, size):
     """Child process: one call of one item; prints its peak RSS above the warmed-up, loaded baseline."""
+    args.fair_sizes = [*args.fair_sizes, 64]
     items(m, 64, args, device)[args.probe][0]()  # loads the kernels' libraries (part of the baseline)
     fn = items(m, size, args, device)[args.probe][0]
     base = rss_mb()
@@ -208,7 +211,7 @@ def argv_of(args):
     """The flags a probe child needs to rebuild the same items."""
     return ["--batch_size", str(args.batch_size), "--depth", str(args.depth), "--device", args.device,
             "--amp", str(args.amp), "--channels_last", str(args.channels_last), "--fair", str(args.fair),
-            "--fair_batch", str(args.fair_batch)]
+            "--fair_batch", str(args.fair_batch), "--fair_sizes", *map(str, args.fair_sizes), "--fair_base", str(args.fair_base)]
 
 
 def main(argv=None):
@@ -252,7 +255,7 @@ def main(argv=None):
                 mem = torch.cuda.max_memory_allocated(device) / 2 ** 20
             rows.append(dict(item=k, size=size, batch=imgs, images_per_s=round(imgs / t, 3),
                              gflop_per_image=round(flops[k] / imgs / 1e9, 3), gflop_per_s=round(gflops, 1),
-                             pct_of_peak=round(100 * gflops / peak, 1), peak_mem_mb=mem and round(mem)))
+                             pct_of_peak=round(100 * gflops / peak, 1), peak_mem_mb=None if mem is None else round(mem, 1)))
             print(f"{size:5d}px  {k:24s} {imgs / t:9.2f} img/s  {flops[k] / imgs / 1e9:8.2f} GFLOP/img  "
                   f"{gflops:7.1f} GFLOP/s  {100 * gflops / peak:5.1f}% of peak  {mem or 0:7.0f} MiB", flush=True)
     report = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -268,7 +271,7 @@ def main(argv=None):
           "| size | item | images/s | GFLOP/image | GFLOP/s | % of matmul peak | peak memory MiB |",
           "|---|---|---|---|---|---|---|"]
     md += [f"| {r['size']} | {r['item']} | {r['images_per_s']} | {r['gflop_per_image']} | {r['gflop_per_s']} | "
-           f"{r['pct_of_peak']} | {r['peak_mem_mb'] or ''} |" for r in rows]
+           f"{r['pct_of_peak']} | {'' if r['peak_mem_mb'] is None else round(r['peak_mem_mb'])} |" for r in rows]
     md += ["", "peak memory: CPU, peak RSS of one call in a fresh process above its loaded, warmed-up baseline; "
            "CUDA, torch.cuda.max_memory_allocated of one call"]
     md += ["", "parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items())]
