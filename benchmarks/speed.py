@@ -139,11 +139,17 @@ def items(m, size, args, device):
             rcae(x)
 
     @torch.inference_mode()
+    def infer_all_depths():  # stage 1 alone: every depth n = 1..N, sharing the compression path
+        with amp():
+            rcae.reconstruct_all(x)
+
+    @torch.inference_mode()
     def infer_dpn():  # evaluate.py's `rcae+dpn` variant: depth N, refined by DPN
         with amp():
             dpn.refine(rcae(x)[:, None], x)
 
     out = {"train stage1 RcAE": (stage1, b), "train stage2 DPN": (stage2, b), "train stage3 CRD": (stage3, b),
+           "infer RcAE, all N depths": (infer_all_depths, b),
            "infer rcae (I_R^N)": (infer_rcae, b), "infer rcae+dpn (I_D^N)": (infer_dpn, b),
            "infer RcAE+DPN+CRD": (infer, b)}
     if args.fair and size in args.fair_sizes:
