@@ -17,7 +17,6 @@ evaluate.py writes for both methods (metrics.json, figures/).
 """
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -70,18 +69,7 @@ def step_seconds(args, device):
     its = speed.items(m, args.image_size, sargs, device)
     names = {"stage1_rcae": "train stage1 RcAE", "stage2_dpn": "train stage2 DPN",
              "stage3_crd": "train stage3 CRD", "fair": "train FAIR"}
-    fns = {k: its[v][0] for k, v in names.items()}
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(sargs.repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return speed.round_robin({k: its[v][0] for k, v in names.items()}, sargs.repeats, device)
 
 
 def train_both(args, out, device):
@@ -144,18 +132,9 @@ def interleaved_speed(out, size, device, batch=4, rounds=3):
     model.to(device)
     x = torch.rand(batch, 3, size, size, device=device)
     fns = {"rcae": lambda: det.predict(x), "fair": lambda: fair.fair_maps(model, ck, x)}
-    times = {k: [] for k in fns}
     with torch.inference_mode():
-        for fn in fns.values():
-            fn()  # warm-up
-        for _ in range(rounds):
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[k].append(time.perf_counter() - t0)
-    return {k: round(batch / statistics.median(v), 3) for k, v in times.items()}
+        times = speed.round_robin(fns, rounds, device)
+    return {k: round(batch / t, 3) for k, t in times.items()}
 
 
 def main(argv=None):

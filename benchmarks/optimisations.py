@@ -11,8 +11,6 @@ Writes benchmarks/results/optimisations_<device>.json and .md (override with --o
 """
 import argparse
 import json
-import statistics
-import time
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import common
 import stage1_rcae
 import stage2_dpn
 import stage3_crd
+from benchmarks.speed import round_robin
 
 
 def get_args(argv=None):
@@ -32,19 +31,6 @@ def get_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown")
     return p.parse_args(argv)
-
-
-def timed(fns, repeats):
-    """{name: fn} -> {name: median seconds}, timed alternately after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    t = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            t[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in t.items()}
 
 
 def main(argv=None):
@@ -108,7 +94,7 @@ def main(argv=None):
         ("stage-1 training: 2 loader workers vs 0", {"before": partial(loader_step, 0),
                                                      "after": partial(loader_step, 2)}, 4 * b),
     ]:
-        t = timed(fns, args.repeats)
+        t = round_robin(fns, args.repeats, torch.device("cpu"))
         row = dict(optimisation=name, before_images_per_s=round(imgs / t["before"], 3),
                    after_images_per_s=round(imgs / t["after"], 3), speedup=round(t["before"] / t["after"], 2))
         rows.append(row)

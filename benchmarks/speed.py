@@ -54,6 +54,22 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def round_robin(fns, repeats, device):
+    """{name: fn} -> {name: median seconds of one call}: one warm-up call each, then `repeats` rounds
+    calling every fn in turn (A, B, C, A, B, C, ...), so drift on a shared machine hits all alike."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def matmul_peak(device, seconds=2.0):
     """Achieved GFLOP/s of a large square matmul: fp32 on CPU, bf16 on CUDA."""
     n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
@@ -241,18 +257,9 @@ def main(argv=None):
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
             return
         flops = {k: count_flops(fn, 1 if "stage1" not in k else args.depth) for k, (fn, _) in its.items()}
-        for fn, _ in its.values():  # warm-up (and compile)
-            fn()
-        times = {k: [] for k in its}
-        for _ in range(args.repeats):  # round-robin: drift hits every item alike
-            for k, (fn, _) in its.items():
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                times[k].append(time.perf_counter() - t0)
+        times = round_robin({k: fn for k, (fn, _) in its.items()}, args.repeats, device)  # warm-up, compile
         for k, (_, imgs) in its.items():
-            t = statistics.median(times[k])
+            t = times[k]
             gflops = flops[k] / t / 1e9
             mem = peak_mb(k, size, argv_of(args)) if args.memory and device.type == "cpu" else None
             if device.type == "cuda":
