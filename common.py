@@ -199,7 +199,7 @@ def _decode(sample, size):
 def load_split(data, split, image_size, workers=4):
     """Decode a split once (threads) into memory; later calls in the same process hit the cache."""
     samples = list_samples(data, split)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    with ThreadPoolExecutor(4 if not workers else workers) as pool:
         decoded = list(pool.map(lambda s: _decode(s, image_size), samples))
     keep = [i for i, d in enumerate(decoded) if d is not None]
     if not keep:
@@ -347,7 +347,9 @@ def add_shared_args(p, recursion=True, **defaults):
     g.add_argument("--image_size", type=int, default=d["image_size"], help="square input size (paper: 1024)")
     g.add_argument("--holdout", type=float, default=d["holdout"],
                    help="fraction of train/good kept out of training to calibrate the image threshold")
-    g.add_argument("--workers", type=int, default=2, help="threads decoding images, and batch-making workers")
+    g.add_argument("--workers", type=int, default=None,
+                   help="batch-making worker processes (and image-decoding threads); default: 0 when training "
+                        "on the CPU, where workers compete with the compute threads (x0.78 measured), else 4")
     if recursion:
         g = p.add_argument_group("model")
         g.add_argument("--depth", type=int, default=d["depth"], help="recursion depth N (paper: 5)")
@@ -590,7 +592,8 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     from tqdm import tqdm
     loader = torch.utils.data.DataLoader(
         Batches(images, args.batch_size, args.seed, start, total, make_batch), batch_size=None,
-        num_workers=args.workers if len(images) else 0, pin_memory=device.type == "cuda",
+        num_workers=(0 if device.type == "cpu" else 4) if args.workers is None else args.workers,
+        pin_memory=device.type == "cuda",
         persistent_workers=False)
     log_path = Path(ckpt_path).with_suffix(".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
