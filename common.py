@@ -334,12 +334,17 @@ def grad(x):
 # ----------------------------------------------------------------------------- runtime
 
 
-def add_shared_args(p, recursion=True, **defaults):
+INHERITED = ("image_size", "depth", "holdout")  # settings a downstream stage takes from stage 1
+
+
+def add_shared_args(p, recursion=True, upstream=False, **defaults):
     """The flags every stage shares (names fixed: later stages, evaluate and the checks rely on them).
 
-    `defaults` overrides per stage; None means "inherit from the upstream checkpoint". recursion=False
-    leaves out --depth (the FAIR baseline has no recursion)."""
+    `defaults` overrides per stage. upstream=True (stages 2 and 3) makes the INHERITED flags default to
+    None, "inherit from the upstream checkpoint"; an explicit value must agree with it (see inherit).
+    recursion=False leaves out --depth (the FAIR baseline has no recursion)."""
     d = dict(image_size=1024, epochs=100, batch_size=8, lr=1e-4, depth=5, holdout=0.1)
+    d.update({k: None for k in INHERITED} if upstream else {})
     d.update(defaults)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="category folder: MVTec AD (e.g. mvtec/bottle) or VisA (visa/candle)")

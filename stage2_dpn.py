@@ -34,8 +34,7 @@ STAGE = "stage2_dpn"
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # None = inherit from the stage-1 checkpoint; an explicit different value is refused
-    common.add_shared_args(p, epochs=400, image_size=None, depth=None, holdout=None)  # paper: 400 epochs
+    common.add_shared_args(p, upstream=True, epochs=400)  # paper: 400 epochs
     g = p.add_argument_group("model (stage 2)")
     g.add_argument("--width", type=int, default=32, help="hidden width of the DPN autoencoder (paper: not given)")
     g = p.add_argument_group("upstream (stage 2)")
@@ -47,7 +46,7 @@ def upstream_rcae(args):
     """Load the frozen RcAE of --rcae, inherit its settings into args (refusing conflicts)."""
     args.rcae = args.rcae or f"{args.out}/stage1_rcae.pt"
     rcae, ck = load_rcae(args.rcae)
-    common.inherit(args, ck["args"], ["image_size", "depth", "holdout"], f"the stage-1 checkpoint {args.rcae}")
+    common.inherit(args, ck["args"], common.INHERITED, f"the stage-1 checkpoint {args.rcae}")
     common.check_size(args.image_size, args.depth)
     if Path(ck["args"]["data"]).resolve() != Path(args.data).resolve():
         common.warn(f"{args.rcae} was trained on {ck['args']['data']}, this stage trains on {args.data}")

@@ -40,8 +40,7 @@ STAGE = "stage3_crd"
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # None = inherit from the upstream checkpoints; an explicit different value is refused
-    common.add_shared_args(p, epochs=300, image_size=None, depth=None, holdout=None)  # paper: 300 epochs
+    common.add_shared_args(p, upstream=True, epochs=300)  # paper: 300 epochs
     g = p.add_argument_group("model (stage 3)")
     g.add_argument("--width", type=int, default=16, help="CRD base width w; levels have w, 2w, 4w, 8w (paper: not given)")
     g.add_argument("--use_depths", default=None,

@@ -47,16 +47,17 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="learning rate of both (default: each paper's, 1e-4)")
     p.add_argument("--fair_base", type=int, default=128, help="FAIR UNet base width (paper: 128)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--workers", type=int, default=2, help="batch-making workers")
+    p.add_argument("--workers", type=int, default=None, help="batch-making workers (default: the stages' own)")
     p.add_argument("--seed", type=int, default=0, help="seed of both methods")
     return p.parse_args(argv)
 
 
 def shared_flags(args, out):
     flags = ["--data", args.data, "--out", out, "--image_size", str(args.image_size), "--batch_size",
-             str(args.batch_size), "--device", args.device, "--workers", str(args.workers), "--seed",
-             str(args.seed), "--epochs", "100000", "--log_every", "20"]
-    return flags + (["--lr", str(args.lr)] if args.lr else [])
+             str(args.batch_size), "--device", args.device, "--seed", str(args.seed), "--epochs", "100000",
+             "--log_every", "20"]
+    return flags + (["--lr", str(args.lr)] if args.lr else []) + (
+        ["--workers", str(args.workers)] if args.workers is not None else [])
 
 
 def step_seconds(args, device):
