@@ -148,9 +148,9 @@ class CRD(nn.Module):
         e2 = self.act(self.enc2(e1))  # (B, 2w, NR, H/2, W/2)
         e3 = self.act(self.enc3(e2))  # (B, 4w, NR, H/4, W/4)
         e4 = self.act(self.enc4(e3))  # (B, 8w, NR, H/8, W/8)
-        d3 = self.act(self.dec3(torch.cat([up_to(self.red3(e4), e3), e3], 1)))  # (B, 4w, NR, H/4, W/4)
-        d2 = self.act(self.dec2(torch.cat([up_to(self.red2(d3), e2), e2], 1)))  # (B, 2w, NR, H/2, W/2)
-        d1 = self.act(self.dec1(torch.cat([up_to(self.red1(d2), e1), e1], 1)))  # (B, w, NR, H, W)
+        d3 = self.act(common.conv_cat(self.dec3, up_to(self.red3(e4), e3), e3))  # (B, 4w, NR, H/4, W/4)
+        d2 = self.act(common.conv_cat(self.dec2, up_to(self.red2(d3), e2), e2))  # (B, 2w, NR, H/2, W/2)
+        d1 = self.act(common.conv_cat(self.dec1, up_to(self.red1(d2), e1), e1))  # (B, w, NR, H, W)
         return torch.sigmoid(self.head(d1)[:, :, 0])  # Eq. (8): M_A, (B, 1, H, W)
 
 

@@ -195,6 +195,26 @@ def test_grad_operator():
     assert common.grad(torch.ones(2, 3, 5, 5)).abs().sum() == 0
 
 
+@pytest.mark.parametrize("conv,shape", [(torch.nn.Conv2d(7, 4, 3, padding=1), (2, 7, 9, 9)),
+                                        (torch.nn.Conv3d(7, 4, 3, padding=1), (2, 7, 3, 9, 9))])
+def test_conv_cat_equals_conv_of_concat(conv, shape):
+    """Values and gradients (inputs and weights) of conv(cat(parts)) and conv_cat(conv, *parts) agree."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    results = []
+    for split in (False, True):
+        parts = [x[:, :2].clone().requires_grad_(True), x[:, 2:].contiguous(memory_format=fmt).requires_grad_(True)]
+        conv.zero_grad()
+        y = common.conv_cat(conv, *parts) if split else conv(torch.cat(parts, 1))
+        (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+        results.append([y, parts[0].grad, parts[1].grad, conv.weight.grad.clone(), conv.bias.grad.clone()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="the parts have 2 channels, the conv takes 7"):
+        common.conv_cat(conv, x[:, :2])
+
+
 def test_topk_mean():
     maps = torch.zeros(2, 1, 10, 10)
     maps[0, 0, 0, :5] = 1

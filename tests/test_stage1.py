@@ -22,6 +22,8 @@ def test_shapes_every_depth(size, depth):
     assert allr.shape == (2, depth, 3, size, size)
     for n in range(1, depth + 1):  # sharing the compression path changes nothing
         assert torch.allclose(allr[:, n - 1], model(x, n), atol=1e-6)
+    # channels_last stays inside the blocks: callers get plain tensors (.view works)
+    assert model(x, depth).is_contiguous() and allr.is_contiguous()
 
 
 def test_parameter_count_independent_of_depth():
