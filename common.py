@@ -498,6 +498,13 @@ def fingerprint(state_dict):
     return h.hexdigest()
 
 
+def trained_on_other(ck, **upstream):
+    """Names of the upstream checkpoints whose weights are not those `ck` was trained on (the sha256s in its
+    "upstream"): trained_on_other(crd_ck, rcae=rcae_ck, dpn=dpn_ck) == ["rcae"] after stage 1 was retrained."""
+    ups = ck.get("upstream", {})
+    return [k for k, up in upstream.items() if f"{k}_sha" in ups and fingerprint(up["model"]) != ups[f"{k}_sha"]]
+
+
 def check_upstream_unchanged(ckpt_path, stage, upstream, args):
     """A run resumed (or found finished) on disk must have been trained on the same upstream weights."""
     if args.overwrite or not Path(ckpt_path).is_file():

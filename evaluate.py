@@ -231,18 +231,17 @@ def _missing(stage, out, data):
 
 def _check_chain(st, data):
     """Each later stage names the sha256 of the weights it was trained on; refuse a retrained upstream."""
-    sha = {name.split("_")[1]: common.fingerprint(ck["model"]) for name, (_, ck) in st.items()}  # rcae, dpn, crd
+    cks = {name.split("_")[1]: ck for name, (_, ck) in st.items()}  # rcae, dpn, crd
     size, depth = st["stage1_rcae"][1]["model_config"]["image_size"], st["stage1_rcae"][1]["model_config"]["depth"]
     for name, (_, ck) in list(st.items())[1:]:
         cfg = ck["model_config"]
         if cfg.get("depth", depth) != depth or cfg.get("image_size", size) != size:
             raise UserError(f"{name} was trained for depth {cfg.get('depth')} at {cfg.get('image_size')}px, "
                             f"stage 1 for depth {depth} at {size}px: retrain {name}")
-        for key, want in ck.get("upstream", {}).items():
-            if key.endswith("_sha") and key[:-4] in sha and sha[key[:-4]] != want:
-                raise UserError(f"{name} was trained on other {key[:-4]} weights than the checkpoint now in "
-                                f"its folder (an upstream stage was retrained): run "
-                                f"`{HOW[name].format(data=data or 'PATH')} --overwrite`")
+        bad = common.trained_on_other(ck, **cks)
+        if bad:
+            raise UserError(f"{name} was trained on other {bad[0]} weights than the checkpoint now in its folder "
+                            f"(an upstream stage was retrained): run `{HOW[name].format(data=data or 'PATH')} --overwrite`")
 
 
 def gaussian_blur(m, sigma):

@@ -86,14 +86,12 @@ def upstream(args):
     rcae, rcae_ck = upstream_rcae(args)  # fills args.rcae, inherits image_size/depth/holdout
     args.dpn = args.dpn or f"{args.out}/stage2_dpn.pt"
     dpn, dpn_ck = load_dpn(args.dpn)
-    sha = common.fingerprint(rcae_ck["model"])
-    if dpn_ck["upstream"]["rcae_sha"] != sha:
+    if common.trained_on_other(dpn_ck, rcae=rcae_ck):
         raise UserError(f"{args.dpn} was trained on the RcAE {dpn_ck['upstream']['rcae']}, not on the weights in "
                         f"{args.rcae}: run `python stage2_dpn.py --data {args.data} --rcae {args.rcae} --overwrite` "
                         f"first, or pass the matching --rcae")
-    dpn_sha = common.fingerprint(dpn_ck["model"])
-    return rcae, dpn, {"rcae": str(Path(args.rcae).resolve()), "rcae_sha": sha,
-                       "dpn": str(Path(args.dpn).resolve()), "dpn_sha": dpn_sha}
+    return rcae, dpn, {"rcae": str(Path(args.rcae).resolve()), "rcae_sha": common.fingerprint(rcae_ck["model"]),
+                       "dpn": str(Path(args.dpn).resolve()), "dpn_sha": common.fingerprint(dpn_ck["model"])}
 
 
 # ----------------------------------------------------------------------------- model
@@ -275,11 +273,11 @@ def load_detector(out, rcae=None, dpn=None, crd=None):
     rcae_m, rcae_ck = load_rcae(rcae or f"{out}/stage1_rcae.pt")
     dpn_m, dpn_ck = load_dpn(dpn or f"{out}/stage2_dpn.pt")
     crd_m, crd_ck = load_crd(crd or f"{out}/stage3_crd.pt")
-    ups = crd_ck["upstream"]
-    for name, ck in (("rcae", rcae_ck), ("dpn", dpn_ck)):
-        if common.fingerprint(ck["model"]) != ups[f"{name}_sha"]:
-            raise UserError(f"the CRD in {crd or f'{out}/stage3_crd.pt'} was trained with the {name} {ups[name]}, "
-                            f"not with the weights loaded now: pass that --{name}, or retrain stage 3")
+    for path, ck in ((crd or f"{out}/stage3_crd.pt", crd_ck), (dpn or f"{out}/stage2_dpn.pt", dpn_ck)):
+        bad = common.trained_on_other(ck, rcae=rcae_ck, dpn=dpn_ck)
+        if bad:
+            raise UserError(f"{path} was trained with the {bad[0]} {ck['upstream'][bad[0]]}, not with the weights "
+                            f"loaded now: pass that --{bad[0]}, or retrain the stages after it")
     cal = crd_ck.get("calibration") or {}
     return common.freeze(Detector(rcae_m, dpn_m, crd_m, topk_frac=cal.get("topk_frac", crd_ck["args"]["topk_frac"]),
                                   image_threshold=cal.get("image_threshold")))
