@@ -1,8 +1,9 @@
 """Before/after images/s of each speed optimisation in this codebase, timed round-robin in one process.
 
 Each row times the same work with the optimisation off and on, alternating (off, on, off, on, ...) so
-that the machine's drift hits both, and reports the median. Outputs agree within float noise in every
-case (tests/test_pinned.py pins the pipeline's outputs).
+that the machine's drift hits both, and reports the median. Every adopted optimisation keeps the outputs
+within float noise (tests/test_pinned.py pins the pipeline's outputs); rows marked "not adopted" were
+measured and rejected (slower here, or bf16's coarser numerics for no gain).
 
     python -m benchmarks.optimisations                  # 256 px, batch 8, N = 5, this machine
     python -m benchmarks.optimisations --size 128
@@ -10,9 +11,11 @@ case (tests/test_pinned.py pins the pipeline's outputs).
 Writes benchmarks/results/optimisations_<device>.json and .md (override with --out).
 """
 import argparse
+import contextlib
 import json
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -33,38 +36,65 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def plain_cat(conv, *parts):
+    """common.conv_cat as it was before: one conv over the materialised concat."""
+    return conv(torch.cat(parts, 1))
+
+
 def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(0)
     b, n, s = args.batch_size, args.depth, args.size
     x = torch.rand(b, 3, s, s)
-    rcae = stage1_rcae.RcAE(stage1_rcae.Config(depth=n)).eval()
-    dpn = stage2_dpn.DPN(stage2_dpn.Config(depth=n)).eval()
+    rcae = stage1_rcae.RcAE(stage1_rcae.Config(depth=n))
+    dpn = stage2_dpn.DPN(stage2_dpn.Config(depth=n))
     crd = stage3_crd.CRD(stage3_crd.Config(depth=n))
     with torch.no_grad():
-        recons = rcae.reconstruct_all(x)  # (B, N, C, H, W)
-        crd_in = stage3_crd.crd_input(dpn.refine(recons, x), x, crd.cfg.use_depths)  # (B, 2C, N, H, W)
+        recons = rcae.eval().reconstruct_all(x)  # (B, N, C, H, W)
+        crd_in = stage3_crd.crd_input(dpn.eval().refine(recons, x), x, crd.cfg.use_depths)  # (B, 2C, N, H, W)
     mask = (torch.rand(b, 1, s, s) > 0.99).float()
 
-    def crd_step(fmt):
-        crd.memory_format = fmt
-        stage3_crd.crd_loss(crd(crd_in), mask)[0].backward()
+    def variant(fmt=None, cat=None, amp=False):
+        """Context for one timed call: memory format of every block, the concat, bf16 autocast on the CPU."""
+        stack = contextlib.ExitStack()
+        for m in [*rcae.modules(), *dpn.modules(), crd]:
+            if fmt == "plain" and hasattr(m, "memory_format"):  # ConvAE blocks and the CRD
+                stack.callback(setattr, m, "memory_format", m.memory_format)
+                m.memory_format = torch.contiguous_format
+        if cat == "plain":
+            stack.enter_context(mock.patch.object(common, "conv_cat", plain_cat))
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp))
+        return stack
+
+    def stage1_step(**kw):  # one stage-1 training step at each depth 1..N (the sampled depth's range)
+        with variant(**kw):
+            for k in range(1, n + 1):
+                stage1_rcae.recon_loss(rcae.train()(x, k).float(), x)[0].backward()
+
+    def stage2_step(batched=False, **kw):  # DPN on the N depths of a frozen RcAE's reconstructions
+        with variant(**kw):
+            if batched:  # all depths folded into one batch of B*N
+                res = dpn.ae(recons.flatten(0, 1), common.grad(x).repeat_interleave(n, 0)).view_as(recons)
+            else:
+                res = dpn(recons, x)
+            stage2_dpn.dpn_loss((recons + res).float(), x)[0].backward()
+
+    def crd_step(**kw):
+        with variant(**kw):
+            stage3_crd.crd_loss(crd.train()(crd_in).float(), mask)[0].backward()
 
     @torch.inference_mode()
-    def crd_infer(fmt):
-        crd.memory_format = fmt
-        crd(crd_in)
+    def crd_infer(**kw):
+        with variant(**kw):
+            crd.eval()(crd_in)
 
     @torch.inference_mode()
     def all_depths(shared):  # N separate recursions vs one compression path shared by all depths
+        rcae.eval()
         return rcae.reconstruct_all(x) if shared else [rcae(x, k) for k in range(1, n + 1)]
 
-    @torch.inference_mode()
-    def dpn_depths(batched):  # DPN over the N depths one by one vs folded into one batch
-        return dpn.refine(recons, x) if batched else [dpn.refine(recons[:, k:k + 1], x) for k in range(n)]
-
     def full(mode):  # the full pipeline under autograd, no_grad, inference_mode
-        det = stage3_crd.Detector(rcae, dpn, crd.eval())
+        det = stage3_crd.Detector(rcae.eval(), dpn.eval(), crd.eval())
         ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
         with ctx():
             det(x)
@@ -78,27 +108,32 @@ def main(argv=None):
         for batch in loader:
             stage1_rcae.loss_fn(model, batch)[0].backward()
 
+    def pair(before, after):
+        return {"before": before, "after": after}
+
     rows = []
     for name, fns, imgs in [
-        ("CRD train step: channels_last_3d", {"before": partial(crd_step, torch.contiguous_format),
-                                              "after": partial(crd_step, torch.channels_last_3d)}, b),
-        ("CRD inference: channels_last_3d", {"before": partial(crd_infer, torch.contiguous_format),
-                                             "after": partial(crd_infer, torch.channels_last_3d)}, b),
-        ("all N reconstructions: shared compression", {"before": partial(all_depths, False),
-                                                       "after": partial(all_depths, True)}, b),
-        ("DPN on N depths: one batched call", {"before": partial(dpn_depths, False),
-                                               "after": partial(dpn_depths, True)}, b),
-        ("full pipeline: no_grad vs autograd", {"before": partial(full, "grad"), "after": partial(full, "no_grad")}, b),
-        ("full pipeline: inference_mode vs no_grad", {"before": partial(full, "no_grad"),
-                                                      "after": partial(full, "inference_mode")}, b),
-        ("stage-1 training: 2 loader workers vs 0", {"before": partial(loader_step, 0),
-                                                     "after": partial(loader_step, 2)}, 4 * b),
+        ("stage-1 train step: channels_last", pair(partial(stage1_step, fmt="plain"), stage1_step), n * b),
+        ("stage-2 train step: channels_last", pair(partial(stage2_step, fmt="plain"), stage2_step), b),
+        ("CRD train step: channels_last_3d", pair(partial(crd_step, fmt="plain"), crd_step), b),
+        ("CRD inference: channels_last_3d", pair(partial(crd_infer, fmt="plain"), crd_infer), b),
+        ("stage-1 train step: concat inside the conv", pair(partial(stage1_step, cat="plain"), stage1_step), n * b),
+        ("stage-2 train step: concat inside the conv", pair(partial(stage2_step, cat="plain"), stage2_step), b),
+        ("CRD train step: concat inside the conv", pair(partial(crd_step, cat="plain"), crd_step), b),
+        ("stage-2 train step: DPN per depth vs N depths in one batch",
+         pair(partial(stage2_step, batched=True), stage2_step), b),
+        ("all N reconstructions: shared compression", pair(partial(all_depths, False), partial(all_depths, True)), b),
+        ("full pipeline: no_grad vs autograd", pair(partial(full, "grad"), partial(full, "no_grad")), b),
+        ("full pipeline: inference_mode vs no_grad", pair(partial(full, "no_grad"), partial(full, "inference_mode")), b),
+        ("stage-1 train step: bf16 autocast on the CPU (not adopted)", pair(stage1_step, partial(stage1_step, amp=True)), n * b),
+        ("stage-2 train step: bf16 autocast on the CPU (not adopted)", pair(stage2_step, partial(stage2_step, amp=True)), b),
+        ("stage-1 training: 2 loader workers vs 0 (not adopted)", pair(partial(loader_step, 0), partial(loader_step, 2)), 4 * b),
     ]:
         t = round_robin(fns, args.repeats, torch.device("cpu"))
         row = dict(optimisation=name, before_images_per_s=round(imgs / t["before"], 3),
                    after_images_per_s=round(imgs / t["after"], 3), speedup=round(t["before"] / t["after"], 2))
         rows.append(row)
-        print(f"{name:45s} {row['before_images_per_s']:9.2f} -> {row['after_images_per_s']:9.2f} img/s "
+        print(f"{name:60s} {row['before_images_per_s']:9.2f} -> {row['after_images_per_s']:9.2f} img/s "
               f"(x{row['speedup']})", flush=True)
     device = f"cpu x{torch.get_num_threads()} threads"
     out = Path(args.out)
