@@ -1,8 +1,8 @@
 """Speed report: images/s and achieved GFLOP/s of each stage's training step and of inference.
 
-Every number is measured in this process against the machine's own peak, a large matmul timed in the
-same run (fp32 on CPU; bf16 on CUDA). Items are timed round-robin (A, B, C, A, B, C, ...) and the median
-is reported, because a shared machine's speed drifts. FLOPs are counted by torch's FlopCounterMode
+Every number is measured in this process against the machine's own peak, a large matmul (fp32 on CPU;
+bf16 on CUDA) timed as one more item. Items are timed round-robin (A, B, C, A, B, C, ...) and the median
+is reported, because a shared machine's speed drifts: the peak of each size sees the same drift. FLOPs are counted by torch's FlopCounterMode
 (2 per multiply-add; convolutions and matmuls only, so elementwise work is "free" in GFLOP/s).
 
     python -m benchmarks.speed                                  # CPU: 128, 256, 512 px
@@ -70,18 +70,16 @@ def round_robin(fns, repeats, device):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def matmul_peak(device, seconds=2.0):
-    """Achieved GFLOP/s of a large square matmul: fp32 on CPU, bf16 on CUDA."""
+def matmul_item(device, calls=8):
+    """(fn, FLOPs per call) of a large square matmul, fp32 on CPU, bf16 on CUDA: the machine's peak. It is
+    timed round-robin with the items, so the peak and the items see the same drift of a shared machine."""
     n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    runs, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        runs += 1
-    sync(device)
-    return 2 * n ** 3 * runs / (time.perf_counter() - t0) / 1e9
+
+    def fn():
+        for _ in range(calls):
+            a @ b
+    return fn, 2 * n ** 3 * calls
 
 
 def sync(device):
@@ -243,10 +241,10 @@ def main(argv=None):
     m = models(args.depth, device, args)
     if args.probe:
         return probe(args, device, m, args.sizes[0])
-    peak = matmul_peak(device)
-    print(f"device {device} ({torch.get_num_threads()} threads): matmul peak {peak:.1f} GFLOP/s")
+    print(f"device {device} ({torch.get_num_threads()} threads)")
+    matmul, matmul_flops = matmul_item(device)
     params = {k: sum(p.numel() for p in v.parameters()) for k, v in m.items()}
-    rows = []
+    rows, peaks = [], []
     for size in args.sizes:
         its = items(m, size, args, device)
         if args.profile:
@@ -257,7 +255,10 @@ def main(argv=None):
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
             return
         flops = {k: count_flops(fn, 1 if "stage1" not in k else args.depth) for k, (fn, _) in its.items()}
-        times = round_robin({k: fn for k, (fn, _) in its.items()}, args.repeats, device)  # warm-up, compile
+        times = round_robin({**{k: fn for k, (fn, _) in its.items()}, "matmul": matmul}, args.repeats, device)
+        peak = matmul_flops / times["matmul"] / 1e9
+        peaks.append(peak)
+        print(f"{size:5d}px  matmul peak {peak:.1f} GFLOP/s, timed round-robin with the items", flush=True)
         for k, (_, imgs) in its.items():
             t = times[k]
             gflops = flops[k] / t / 1e9
@@ -267,20 +268,22 @@ def main(argv=None):
                 its[k][0]()
                 mem = torch.cuda.max_memory_allocated(device) / 2 ** 20
             rows.append(dict(item=k, size=size, batch=imgs, images_per_s=round(imgs / t, 3),
-                             gflop_per_image=round(flops[k] / imgs / 1e9, 3), gflop_per_s=round(gflops, 1),
+                             matmul_peak_gflops=round(peak, 1), gflop_per_image=round(flops[k] / imgs / 1e9, 3), gflop_per_s=round(gflops, 1),
                              pct_of_peak=round(100 * gflops / peak, 1), peak_mem_mb=None if mem is None else round(mem, 1)))
             print(f"{size:5d}px  {k:24s} {imgs / t:9.2f} img/s  {flops[k] / imgs / 1e9:8.2f} GFLOP/img  "
                   f"{gflops:7.1f} GFLOP/s  {100 * gflops / peak:5.1f}% of peak  {mem or 0:7.0f} MiB", flush=True)
     report = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
-                  f"cpu x{torch.get_num_threads()} threads", matmul_peak_gflops=round(peak, 1), params=params,
+                  f"cpu x{torch.get_num_threads()} threads", matmul_peak_gflops=round(statistics.median(peaks), 1),
+                  params=params,
                   settings={k: getattr(args, k) for k in ("batch_size", "depth", "amp", "channels_last", "compile")},
                   rows=rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{device.type}" + ("_cl" if args.channels_last else "") + ("_compile" if args.compile else "")
     (out / f"speed_{tag}.json").write_text(json.dumps(report, indent=1))
-    md = [f"device: {report['device_name']}, matmul peak {peak:.1f} GFLOP/s; batch {args.batch_size} "
-          f"(FAIR {min(args.fair_batch, args.batch_size)}), N = {args.depth}", "",
+    md = [f"device: {report['device_name']}; batch {args.batch_size} (FAIR {min(args.fair_batch, args.batch_size)}), "
+          f"N = {args.depth}; matmul peak (GFLOP/s, timed round-robin with the items) "
+          + ", ".join(f"{s} px: {p:.1f}" for s, p in zip(args.sizes, peaks)), "",
           "| size | item | images/s | GFLOP/image | GFLOP/s | % of matmul peak | peak memory MiB |",
           "|---|---|---|---|---|---|---|"]
     md += [f"| {r['size']} | {r['item']} | {r['images_per_s']} | {r['gflop_per_image']} | {r['gflop_per_s']} | "
