@@ -1,7 +1,10 @@
 """common.py: loaders (MVTec, VisA, image modes), bad input, pseudo anomalies, grad, checkpoints."""
 import csv
 import shutil
+import subprocess
+import sys
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,8 @@ from PIL import Image
 
 import common
 from common import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_mvtec(root, n_train=3, size=32, mode="RGB"):
@@ -213,6 +218,24 @@ def test_conv_cat_equals_conv_of_concat(conv, shape):
         assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="the parts have 2 channels, the conv takes 7"):
         common.conv_cat(conv, x[:, :2])
+
+
+PAGE_FAULTS = """
+import resource, sys, torch, common
+common.keep_freed_memory(sys.argv[1] == "1")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(30):
+    torch.empty(2 ** 24).fill_(1)  # what a training step does with its activations
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_memory_is_reused_not_faulted_in_again():
+    faults = {keep: int(subprocess.run([sys.executable, "-c", PAGE_FAULTS, keep], capture_output=True, text=True,
+                                       check=True, cwd=ROOT).stdout) for keep in ("0", "1")}
+    assert faults["0"] > 30 * 2 ** 24 * 4 / 4096 * 0.9  # glibc's default: every 64 MB block faulted in again
+    assert faults["1"] < faults["0"] / 2  # kept: a few blocks while the heap settles, then none
 
 
 def test_topk_mean():
