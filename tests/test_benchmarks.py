@@ -20,7 +20,7 @@ def test_speed_report(tmp_path):
 def test_optimisations_report(tmp_path):
     optimisations.main(["--size", "32", "--batch_size", "2", "--depth", "3", "--repeats", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "optimisations_cpu.json").read_text())["rows"]
-    assert len(rows) == 14 and all(r["before_images_per_s"] > 0 and r["after_images_per_s"] > 0 for r in rows)
+    assert len(rows) == 15 and all(r["before_images_per_s"] > 0 and r["after_images_per_s"] > 0 for r in rows)
 
 
 def test_compare_smoke(toy_data, tmp_path):
