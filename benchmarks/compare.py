@@ -78,6 +78,7 @@ def train_both(args, out, device):
     if len(split) != 3 or abs(sum(split) - 1) > 1e-6:
         raise common.UserError(f"--split needs three fractions summing to 1 (got {args.split})")
     sec = step_seconds(args, device)
+    common.release_memory()  # the four timed steps' blocks, before training starts
     minutes = {"stage1_rcae": split[0] * args.budget_min, "stage2_dpn": split[1] * args.budget_min,
                "stage3_crd": split[2] * args.budget_min, "fair": args.budget_min}
     steps = {k: max(1, round(minutes[k] * 60 / sec[k])) for k in sec}

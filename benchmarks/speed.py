@@ -246,6 +246,7 @@ def main(argv=None):
     params = {k: sum(p.numel() for p in v.parameters()) for k, v in m.items()}
     rows, peaks = [], []
     for size in args.sizes:
+        common.release_memory()  # the last size's blocks would stay resident in holes (kept freed memory)
         its = items(m, size, args, device)
         if args.profile:
             fn = next(v[0] for k, v in its.items() if args.profile.lower() in k.lower())
@@ -259,6 +260,7 @@ def main(argv=None):
         peak = matmul_flops / times["matmul"] / 1e9
         peaks.append(peak)
         print(f"{size:5d}px  matmul peak {peak:.1f} GFLOP/s, timed round-robin with the items", flush=True)
+        common.release_memory()  # before the memory probes' child processes
         for k, (_, imgs) in its.items():
             t = times[k]
             gflops = flops[k] / t / 1e9

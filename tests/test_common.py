@@ -227,15 +227,23 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(30):
     torch.empty(2 ** 24).fill_(1)  # what a training step does with its activations
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+x = torch.empty(2 ** 27).fill_(1)  # 512 MB, then freed: kept, or handed back by release_memory
+held = rss()
+del x
+common.release_memory()
+print((held - rss()) // 2 ** 20)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_freed_memory_is_reused_not_faulted_in_again():
-    faults = {keep: int(subprocess.run([sys.executable, "-c", PAGE_FAULTS, keep], capture_output=True, text=True,
-                                       check=True, cwd=ROOT).stdout) for keep in ("0", "1")}
+def test_freed_memory_is_reused_not_faulted_in_again_and_released():
+    out = {keep: subprocess.run([sys.executable, "-c", PAGE_FAULTS, keep], capture_output=True, text=True,
+                                check=True, cwd=ROOT).stdout.split() for keep in ("0", "1")}
+    faults = {keep: int(v[0]) for keep, v in out.items()}
     assert faults["0"] > 30 * 2 ** 24 * 4 / 4096 * 0.9  # glibc's default: every 64 MB block faulted in again
     assert faults["1"] < faults["0"] / 2  # kept: a few blocks while the heap settles, then none
+    assert int(out["1"][1]) > 400  # release_memory hands the kept 512 MB back (MB)
 
 
 def test_topk_mean():
