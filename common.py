@@ -334,8 +334,8 @@ def grad(x):
 
 def conv_cat(conv, *parts):
     """conv(torch.cat(parts, 1)) for an nn.Conv2d/Conv3d, as the sum of one conv per part over its slice of
-    the weight. Equal up to float rounding, without the concat's copy forward and backward: x1.5 on a
-    stage-1 block, x2 on DPN's (benchmarks/optimisations.py). parts (B, c_i, ...) with sum c_i = in_channels."""
+    the weight. Equal up to float rounding, without the concat's copy forward and backward: x1.25-1.4 on
+    the training steps of stages 1-3 (benchmarks/optimisations.py). parts (B, c_i, ...), sum c_i = in_channels."""
     out, i = None, 0
     for p in parts:
         y = conv._conv_forward(p, conv.weight[:, i:i + p.shape[1]], conv.bias if i == 0 else None)

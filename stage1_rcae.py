@@ -61,7 +61,7 @@ class ConvAE(nn.Module):
 
     (B, cin, H, W) -> (B, cout, H, W); any H, W (the upsample matches the skip's size)."""
 
-    memory_format = torch.channels_last  # oneDNN's fast 2D layout: x1.5 on CPU (benchmarks/optimisations.py)
+    memory_format = torch.channels_last  # oneDNN's fast 2D layout: x1.6 on CPU (benchmarks/optimisations.py)
 
     def __init__(self, cin, cout, width):
         super().__init__()

@@ -79,7 +79,7 @@ class DPN(nn.Module):
     def forward(self, recon, image):
         """Res_D^n of recon (B, C, H, W), or of every depth for recon (B, N, C, H, W)."""
         g = grad(image)  # (B, 2C, H, W), I' computed once per image
-        if recon.dim() == 5:  # one depth at a time: x1.75 over folding N into the batch (cache-sized work)
+        if recon.dim() == 5:  # one depth at a time: x1.4 over folding N into the batch (benchmarks/optimisations.py)
             return torch.stack([self.ae(recon[:, k], g) for k in range(recon.shape[1])], 1)  # (B, N, C, H, W)
         return self.ae(recon, g)  # Eq. (6): f_DPN(I_R^n (+) I'), the concat inside the first conv
 
