@@ -2,8 +2,9 @@
 
 Every number is measured in this process against the machine's own peak, a large matmul (fp32 on CPU;
 bf16 on CUDA) timed as one more item. Items are timed round-robin (A, B, C, A, B, C, ...) and the median
-is reported, because a shared machine's speed drifts: the peak of each size sees the same drift. FLOPs are counted by torch's FlopCounterMode
-(2 per multiply-add; convolutions and matmuls only, so elementwise work is "free" in GFLOP/s).
+is reported, because a shared machine's speed drifts: the peak of each size sees the same drift. FLOPs
+are counted by torch's FlopCounterMode (2 per multiply-add; convolutions and matmuls only, so elementwise
+work is "free" in GFLOP/s).
 
     python -m benchmarks.speed                                  # CPU: 128, 256, 512 px
     python -m benchmarks.speed --sizes 256 1024 --device cuda   # GPU: bf16 autocast, paper size
@@ -246,7 +247,6 @@ def main(argv=None):
     params = {k: sum(p.numel() for p in v.parameters()) for k, v in m.items()}
     rows, peaks = [], []
     for size in args.sizes:
-        common.release_memory()  # the last size's blocks would stay resident in holes (kept freed memory)
         its = items(m, size, args, device)
         if args.profile:
             fn = next(v[0] for k, v in its.items() if args.profile.lower() in k.lower())
@@ -261,7 +261,7 @@ def main(argv=None):
         peak = matmul_flops / times["matmul"] / 1e9
         peaks.append(peak)
         print(f"{size:5d}px  matmul peak {peak:.1f} GFLOP/s, timed round-robin with the items", flush=True)
-        common.release_memory()  # before the memory probes' child processes
+        common.release_memory()  # before the memory probes' child processes, and the next size's items
         for k, (_, imgs) in its.items():
             t = times[k]
             gflops = flops[k] / t / 1e9
@@ -271,7 +271,8 @@ def main(argv=None):
                 its[k][0]()
                 mem = torch.cuda.max_memory_allocated(device) / 2 ** 20
             rows.append(dict(item=k, size=size, batch=imgs, images_per_s=round(imgs / t, 3),
-                             matmul_peak_gflops=round(peak, 1), gflop_per_image=round(flops[k] / imgs / 1e9, 3), gflop_per_s=round(gflops, 1),
+                             matmul_peak_gflops=round(peak, 1), gflop_per_image=round(flops[k] / imgs / 1e9, 3),
+                             gflop_per_s=round(gflops, 1),
                              pct_of_peak=round(100 * gflops / peak, 1), peak_mem_mb=None if mem is None else round(mem, 1)))
             print(f"{size:5d}px  {k:24s} {imgs / t:9.2f} img/s  {flops[k] / imgs / 1e9:8.2f} GFLOP/img  "
                   f"{gflops:7.1f} GFLOP/s  {100 * gflops / peak:5.1f}% of peak  {mem or 0:7.0f} MiB", flush=True)
