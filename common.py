@@ -263,17 +263,38 @@ def _crack(h, w, y, x, scale, gen):
     return F.max_pool2d(line, k, 1, k // 2)[0, 0] > 0  # thicken the 1-px line
 
 
-def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=1024):
-    """Paste pseudo anomalies into one image (paper, "Training Strategy"; DESIGN.md).
+ANOMALY_SIZES = ("scaled", "pixels", "relative")
+MIN_VISIBLE = 0.5  # a masked pixel changed by more than this fraction of the image's intensity std
+
+
+def _is_gray(img):
+    """True when every channel of img (C, H, W) is the same: a grayscale image stored as RGB."""
+    return bool((img == img[:1]).all())
+
+
+def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=1024, size_mode="scaled"):
+    """Paste pseudo anomalies into one image (paper, "Training Strategy"; README, "Reading the paper").
 
     img: (C, H, W) float in [0, 1]; gen: torch.Generator, the only source of randomness.
-    Each of 1..max_blocks random blocks of 32, 64 or 128 px (sizes for 1024 px input, scaled with H)
-    gets one of: a random colour blended over a region covering 0-100% of the block, a copy of another
-    block of the same image pasted over such a region, or a crack of 1-4 lines of 50-150 px (scaled).
-    Returns (image (C, H, W), mask (1, H, W) float): the mask marks exactly the pixels that changed.
+    Each of 1..max_blocks random blocks gets one of: a random colour blended over a region covering 0-100%
+    of the block, a copy of another block of the same image pasted over such a region, or a crack of 1-4
+    lines of 50-150 px. Block sizes 32, 64 or 128 px and the crack lengths follow size_mode:
+      "scaled"   the paper's sizes are for 1024 px input: scaled by H/1024 (4-16 px blocks at 128 px);
+      "pixels"   the paper's sizes in pixels of the training resolution, whatever it is;
+      "relative" block sides of 1/8, 1/4 or 1/2 of the image, cracks 0.2-0.6 of it (DRAEM-like sizes).
+    Colours stay in the image's colour space: a grayscale image gets gray anomalies.
+    Returns (image (C, H, W), mask (1, H, W) float). The mask marks the changed pixels that are visible:
+    changed by more than MIN_VISIBLE x the image's intensity std (at least 1/255), so a patch pasted onto
+    similar texture is not labelled as an anomaly nobody could see.
     """
     c, h, w = img.shape
-    scale = h / base_size
+    scale = {"scaled": h / base_size, "pixels": 1.0, "relative": 4 * h / base_size}[size_mode]
+    gray = _is_gray(img)
+
+    def colour(*shape):  # (C, *shape) random colour, the same in every channel of a gray image
+        v = torch.rand(1 if gray else c, *shape, generator=gen)
+        return v.expand(c, *shape) if gray else v
+
     out, region = img.clone(), torch.zeros(h, w, dtype=torch.bool)
     for _ in range(int(torch.randint(1, max_blocks + 1, (1,), generator=gen))):
         s = min(h, w, max(4, round(block_sizes[int(torch.randint(len(block_sizes), (1,), generator=gen))] * scale)))
@@ -282,7 +303,7 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
         kind = int(torch.randint(3, (1,), generator=gen))
         if kind == 2:  # crack-like random lines, drawn in one random colour
             m = _crack(h, w, y + s / 2, x + s / 2, scale, gen)
-            out[:, m] = torch.rand(c, 1, generator=gen)
+            out[:, m] = colour(1)
             region |= m
             continue
         coverage = 0.05 + 0.95 * float(torch.rand(1, generator=gen))
@@ -290,25 +311,25 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
         block = out[:, y:y + s, x:x + s]
         if kind == 0:  # random colour block, blended
             alpha = 0.5 + 0.5 * float(torch.rand(1, generator=gen))
-            patch = (1 - alpha) * block + alpha * torch.rand(c, 1, 1, generator=gen)
+            patch = (1 - alpha) * block + alpha * colour(1, 1)
         else:  # copy & paste a patch from elsewhere in the same image
             sy = int(torch.randint(0, h - s + 1, (1,), generator=gen))
             sx = int(torch.randint(0, w - s + 1, (1,), generator=gen))
             patch = img[:, sy:sy + s, sx:sx + s]
         block[:, m] = patch[:, m]
         region[y:y + s, x:x + s] |= m
-    changed = (out != img).any(0)
-    return out, (region & changed)[None].float()
+    visible = (out - img).abs().amax(0) > max(1 / 255, MIN_VISIBLE * float(img.std()))  # (H, W)
+    return out, (region & visible)[None].float()
 
 
-def augment_batch(x, gen, prob):
+def augment_batch(x, gen, prob, size_mode="scaled"):
     """Pseudo anomalies on each image of a batch with probability `prob`.
 
     x: (B, C, H, W) float in [0, 1] -> (images (B, C, H, W), masks (B, 1, H, W))."""
     out, masks = x.clone(), torch.zeros_like(x[:, :1])
     for i in range(len(x)):
         if float(torch.rand(1, generator=gen)) < prob:
-            out[i], masks[i] = pseudo_anomaly(x[i], gen)
+            out[i], masks[i] = pseudo_anomaly(x[i], gen, size_mode=size_mode)
     return out, masks
 
 
@@ -386,6 +407,8 @@ def add_shared_args(p, recursion=True, upstream=False, **defaults):
     g.add_argument("--compile", type=int, default=0, help="torch.compile the trained network (1/0)")
     g.add_argument("--save_every", type=int, default=500, help="checkpoint every this many steps")
     g.add_argument("--log_every", type=int, default=10, help="log the loss parts every this many steps")
+    g.add_argument("--val_every", type=int, default=500,
+                   help="validate on the holdout normal images every this many steps, and at the end (0: end only)")
     g.add_argument("--overwrite", action="store_true", help="start over even if <out> has a checkpoint")
     return p
 
@@ -572,14 +595,21 @@ def inherit(args, upstream, keys, source):
 # ----------------------------------------------------------------------------- training loop
 
 
+def stream_seed(stream, seed, step):
+    """The seed of one step's augmentation generator: a hash of (stream, seed, step), so each stage (stream =
+    its name) and the validation draw their own pseudo anomalies, never another's."""
+    return int.from_bytes(hashlib.sha256(f"{stream}/{seed}/{step}".encode()).digest()[:8], "little") >> 1
+
+
 class Batches(torch.utils.data.Dataset):
-    """Item i is the batch of optimiser step start + i, a pure function of (seed, step).
+    """Item i is the batch of optimiser step start + i, a pure function of (stream, seed, step).
 
     Images are drawn as one stream of per-epoch permutations, so a resumed run sees exactly the batches
-    the interrupted one would have, and any number of workers gives the same data."""
+    the interrupted one would have, and any number of workers gives the same data. The augmentation's
+    generator is seeded per stream: stage 3 never trains on the pseudo anomalies stage 1 was fitted to remove."""
 
-    def __init__(self, images, batch_size, seed, start, total, make_batch):
-        self.images, self.bs, self.seed = images, batch_size, seed
+    def __init__(self, images, batch_size, seed, start, total, make_batch, stream=""):
+        self.images, self.bs, self.seed, self.stream = images, batch_size, seed, stream
         self.start, self.total, self.make_batch = start, total, make_batch
 
     def __len__(self):
@@ -592,7 +622,7 @@ class Batches(torch.utils.data.Dataset):
         step, m = self.start + i, len(self.images)
         pos = torch.arange(step * self.bs, (step + 1) * self.bs)
         idx = torch.cat([self._perm(e)[pos[pos // m == e] % m] for e in (pos // m).unique().tolist()])
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step + 1)
+        gen = torch.Generator().manual_seed(stream_seed(self.stream, self.seed, step))
         return self.make_batch(to_float(self.images[idx]), gen)  # dict of CPU tensors
 
 
@@ -601,17 +631,33 @@ def total_steps(args, n_images):
     return steps if args.max_steps is None else min(steps, args.max_steps)
 
 
+def _validate(validate, model, step, log, extra):
+    """One validation pass in eval mode; the result goes to the log, the progress output and the checkpoint."""
+    model.eval()
+    with torch.no_grad():
+        val = {k: (round(float(v), 6) if isinstance(v, (int, float)) else v) for k, v in validate(model).items()}
+    model.train()
+    log.write(json.dumps({"step": step, "val": val}) + "\n")
+    log.flush()
+    extra["val"] = val
+    tqdm_write = " ".join(f"{k}={v}" for k, v in val.items() if isinstance(v, float))
+    print(f"\n  val @ step {step}: {tqdm_write}")
+
+
 def _config_diff(a, b):
     return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
-def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt_path, extra=None, lr_at=None):
+def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt_path, extra=None, lr_at=None,
+          validate=None):
     """The one training loop of all stages.
 
     images: (M, C, H, W) uint8 training images; make_batch(x (B, C, H, W) float, gen) -> dict of
     tensors; loss_fn(net, batch on device) -> (total, parts dict). Adam with the paper's settings;
     lr_at(step, total) -> multiplier of args.lr for optimiser step `step` (1-based); default
-    constant, as in RcAE.
+    constant, as in RcAE. validate(model) -> dict of numbers, on data kept out of training (never the test
+    split), runs every --val_every steps and at the end: logged as {"step", "val"} and kept in the
+    checkpoint under "val".
     Resumes from ckpt_path when it holds an unfinished run with the same model_config. Stops on a
     non-finite loss, keeping the last good checkpoint. Returns the final checkpoint dict."""
     device = get_device(args.device)
@@ -645,7 +691,7 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
 
     from tqdm import tqdm
     loader = torch.utils.data.DataLoader(
-        Batches(images, args.batch_size, args.seed, start, total, make_batch), batch_size=None,
+        Batches(images, args.batch_size, args.seed, start, total, make_batch, stream=stage), batch_size=None,
         num_workers=(0 if device.type == "cpu" else 4) if args.workers is None else args.workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False)
@@ -686,7 +732,12 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
             if time_up:
                 print(f"\n{stage}: --max_minutes {args.max_minutes} reached at step {step} of {total}")
                 break
+            if validate is not None and args.val_every and step % args.val_every == 0 and step < total:
+                _validate(validate, model, step, log, extra)
     bar.close()
+    if validate is not None:
+        with open(log_path, "a") as log:
+            _validate(validate, model, step, log, extra)
     save(step)
     print(f"{stage}: {step} steps in {time.time() - t0:.0f}s -> {ckpt_path}")
     release_memory()  # the next work in this process (another stage, evaluation) has other shapes

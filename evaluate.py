@@ -3,9 +3,11 @@
 The only code that reads the test split (STYLE.md rule 12). It finds the checkpoints in <out> and
 evaluates every variant they allow, which is the paper's Table 2 ablation from one command:
 
-    rcae       map |I - I_R^N| (mean over channels, Gaussian sigma --sigma), score top-k mean   stage 1
+    rcae       map |I - I_R^N| (mean over channels), score top-k mean                            stage 1
     rcae+dpn   the same from |I - I_D^N|, the DPN-refined deepest reconstruction, Eq. (6)      stages 1-2
     crd        the CRD map M_A, Eq. (8), score top-k mean with the calibrated k                  stages 1-3
+
+Every variant's map is smoothed alike (Gaussian, --sigma px) before scoring; metrics.json says how.
     fair       the FAIR baseline's map and image score (--method fair, baselines/fair.py)
 
 Image size and depth come from the stage-1 checkpoint (FAIR: its own); masks are read at that size.
@@ -73,7 +75,8 @@ def get_args(argv=None):
     g.add_argument("--method", choices=["rcae", "fair"], default="rcae",
                    help="rcae: every RcAE variant whose checkpoints exist; fair: the FAIR baseline")
     g.add_argument("--sigma", type=float, default=4.0,
-                   help="Gaussian sigma (px) smoothing the residual maps of rcae and rcae+dpn (paper: not given)")
+                   help="Gaussian sigma (px) smoothing the maps of every variant alike, 0 = off (paper: not given); "
+                        "metrics.json records it")
     g.add_argument("--topk_frac", type=float, default=None,
                    help="image score of rcae and rcae+dpn = mean of this top fraction of map pixels (paper: k "
                         "not given); default: stage 3's value, 0.01 without stage 3. crd always uses stage 3's")
@@ -264,7 +267,8 @@ def crd_map(st, x):
     """M_A of the full detector, Eq. (8): x (B, C, H, W) -> (B, 1, H, W) in [0, 1]."""
     from stage3_crd import frozen_forward
     crd, ck = st["stage3_crd"]
-    _, _, inp = frozen_forward(st["stage1_rcae"][0], st["stage2_dpn"][0], x, ck["model_config"]["use_depths"])
+    _, _, inp = frozen_forward(st["stage1_rcae"][0], st["stage2_dpn"][0], x, ck["model_config"]["use_depths"],
+                               ck["model_config"].get("crd_input", "image"))
     return crd(inp)  # (B, 1, H, W)
 
 
@@ -299,7 +303,7 @@ def variant_fns(st, sigma, topk_frac):
         fns["rcae+dpn"] = lambda x: scored(residual_map(x, dpn.refine(rcae(x)[:, None], x)[:, 0], sigma))  # I_D^N
     if "stage3_crd" in st:  # always stage 3's own k, the one its threshold was calibrated with
         frac = calibration(st)["topk_frac"]
-        fns["crd"] = lambda x: scored(crd_map(st, x), frac)
+        fns["crd"] = lambda x: scored(gaussian_blur(crd_map(st, x), sigma), frac)  # the same smoothing
     return fns
 
 
@@ -449,6 +453,7 @@ def evaluate_category(data, out, args):
     res = {"schema": 1, "data": str(data), "category": Path(data).name, "device": str(device),
            "image_size": size, "depth": depth, "n_images": len(labels), "n_anomalous": n_anom,
            "params": {**old.get("params", {}), **params}, "peak_mem_source": peak_mem_source(device),
+           "post_processing": {"gaussian_sigma": args.sigma, "applied_to": "every variant's map"},
            "variants": {**keep, **variants},
            "calibrated_threshold": calib if args.method == "rcae" else old.get("calibrated_threshold")}
     if args.method == "fair" and "image_size" in old:  # the top-level size and depth describe RcAE

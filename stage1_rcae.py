@@ -35,9 +35,20 @@ def get_args(argv=None):
     common.add_shared_args(p, epochs=1500)  # paper: 1500 epochs for stage 1
     g = p.add_argument_group("model (stage 1)")
     g.add_argument("--width", type=int, default=32, help="hidden width inside E and D (paper: not given)")
+    g.add_argument("--norm", choices=["none", "instance"], default="none",
+                   help="normalisation after each hidden conv of E and D (paper: not given; the first author's "
+                        "earlier code used InstanceNorm)")
+    g.add_argument("--input_norm", type=int, default=0,
+                   help="1: standardise the input with the training images' per-channel mean/std and undo it on "
+                        "the output, so the scale of the intensities does not matter (paper: not given)")
+    g.add_argument("--out_act", choices=["none", "sigmoid"], default="none",
+                   help="activation of the final reconstruction (paper: not given)")
     g = p.add_argument_group("augmentation (stage 1)")
     g.add_argument("--anomaly_prob", type=float, default=0.5,
                    help="chance that a training image gets pseudo anomalies (paper: 'denoising', rate not given)")
+    g.add_argument("--anomaly_size", choices=common.ANOMALY_SIZES, default="scaled",
+                   help="pseudo-anomaly sizes: the paper's 32-128 px blocks scaled by image_size/1024, in pixels "
+                        "of this resolution, or relative to the image (see common.pseudo_anomaly)")
     return common.finish_args(p.parse_args(argv))
 
 
@@ -50,6 +61,9 @@ class Config:
     width: int = 32  # hidden width inside E and D
     depth: int = 5  # N, the deepest recursion
     image_size: int = 1024  # training size; any size divisible by 2^N works at inference
+    norm: str = "none"  # "instance": InstanceNorm after each hidden conv of E and D
+    input_norm: int = 0  # 1: standardise with the training set's per-channel mean/std (buffers), undo on output
+    out_act: str = "none"  # "sigmoid": squash the reconstruction into [0, 1]
 
 
 def conv(cin, cout, stride=1):
@@ -63,20 +77,22 @@ class ConvAE(nn.Module):
 
     memory_format = torch.channels_last  # oneDNN's fast 2D layout: x1.6 on CPU (benchmarks/optimisations.py)
 
-    def __init__(self, cin, cout, width):
+    def __init__(self, cin, cout, width, norm="none"):
         super().__init__()
         self.enc1 = conv(cin, width)  # (B, w, H, W)
         self.enc2 = conv(width, 2 * width, stride=2)  # (B, 2w, H/2, W/2)
         self.dec2 = conv(2 * width, width)  # (B, w, H/2, W/2), then upsampled
         self.dec1 = conv(2 * width, cout)  # skip concat (B, 2w, H, W) -> (B, cout, H, W)
+        make = (lambda c: nn.InstanceNorm2d(c, affine=True)) if norm == "instance" else (lambda c: nn.Identity())
+        self.n1, self.n2, self.n3 = make(width), make(2 * width), make(width)
         self.act = nn.LeakyReLU(0.1)
 
     def forward(self, *parts):
         """The input is the channel concat of parts (B, c_i, H, W), sum c_i = cin (DPN's I_R^n (+) I')."""
         parts = [p.contiguous(memory_format=self.memory_format) for p in parts]
-        h1 = self.act(common.conv_cat(self.enc1, *parts))  # (B, w, H, W)
-        h2 = self.act(self.enc2(h1))  # (B, 2w, H/2, W/2)
-        u = F.interpolate(self.act(self.dec2(h2)), size=h1.shape[-2:], mode="bilinear", align_corners=False)
+        h1 = self.act(self.n1(common.conv_cat(self.enc1, *parts)))  # (B, w, H, W)
+        h2 = self.act(self.n2(self.enc2(h1)))  # (B, 2w, H/2, W/2)
+        u = F.interpolate(self.act(self.n3(self.dec2(h2))), size=h1.shape[-2:], mode="bilinear", align_corners=False)
         out = common.conv_cat(self.dec1, u, h1)  # dec1 on the skip concat [u, h1]: (B, cout, H, W)
         return out.contiguous()  # plain layout for callers: x1.3 on DPN's loss over stacked depths, and .view works
 
@@ -86,13 +102,31 @@ class RcAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         c, w = cfg.channels, cfg.width
-        self.E = ConvAE(c, c, w)  # shared over all compression steps
+        self.E = ConvAE(c, c, w, cfg.norm)  # shared over all compression steps
         self.down = nn.Conv2d(c, c, 2, stride=2)  # X_{i-1} -> X_i, halves H and W
-        self.D = ConvAE(c, c, w)  # shared over all reconstruction steps
+        self.D = ConvAE(c, c, w, cfg.norm)  # shared over all reconstruction steps
         self.up = nn.ConvTranspose2d(c, c, 2, stride=2)  # X_{j} -> X_{j-1}, doubles H and W
+        # the training images' per-channel mean and std (set by fit_input_norm; identity until then)
+        self.register_buffer("in_mean", torch.zeros(1, c, 1, 1))
+        self.register_buffer("in_std", torch.ones(1, c, 1, 1))
+
+    def fit_input_norm(self, images):
+        """Set the input standardisation from uint8 training images (M, C, H, W); a no-op without input_norm."""
+        if self.cfg.input_norm:
+            x = images.double().div(255).transpose(0, 1).flatten(1)  # (C, M*H*W)
+            self.in_mean.copy_(x.mean(1).view(1, -1, 1, 1))
+            self.in_std.copy_(x.std(1).clamp_min(1e-3).view(1, -1, 1, 1))
+
+    def output(self, y):
+        """The network's last tensor (normalised space) -> the reconstruction in image space."""
+        if self.cfg.input_norm:
+            y = y * self.in_std + self.in_mean
+        return torch.sigmoid(y) if self.cfg.out_act == "sigmoid" else y
 
     def compress(self, x, n):
         """[I_C^1, ..., I_C^n]; I_C^i is (B, C, H/2^i, W/2^i)."""
+        if self.cfg.input_norm:
+            x = (x - self.in_mean) / self.in_std
         codes = []
         for _ in range(n):
             x = self.down(self.E(x))  # Eq. (3): I_C^i = E(I_C^{i-1})
@@ -103,7 +137,7 @@ class RcAE(nn.Module):
         """n reconstruction steps from a code at level n: (B, C, H/2^n, W/2^n) -> (B, C, H, W)."""
         for _ in range(n):
             code = self.up(self.D(code))  # Eq. (4): I_R^j = D(I_R^{j-1})
-        return code
+        return self.output(code)
 
     def forward(self, x, n=None):
         """The depth-n reconstruction I_R^n of x (B, C, H, W); n defaults to N."""
@@ -132,9 +166,9 @@ def recon_loss(recon, target):
 # ----------------------------------------------------------------------------- train
 
 
-def make_batch(x, gen, anomaly_prob, depth):
+def make_batch(x, gen, anomaly_prob, depth, anomaly_size="scaled"):
     """x (B, C, H, W) clean -> the step's batch; runs in the loader workers (module level: picklable)."""
-    noisy, _ = common.augment_batch(x, gen, anomaly_prob)  # denoising on pseudo anomalies
+    noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size)  # denoising on pseudo anomalies
     n = torch.randint(1, depth + 1, (1,), generator=gen)  # recursion depth sampled per batch from [1, N]
     return {"input": noisy, "target": x, "n": n}
 
@@ -147,15 +181,50 @@ def loss_fn(net, b):
 def main(argv=None):
     args = get_args(argv)
     common.seed_everything(args.seed)
-    cfg = Config(channels=3, width=args.width, depth=args.depth, image_size=args.image_size)
+    cfg = Config(channels=3, width=args.width, depth=args.depth, image_size=args.image_size, norm=args.norm,
+                 input_norm=args.input_norm, out_act=args.out_act)
     model = RcAE(cfg)
     images = common.train_images(args)  # (M, 3, H, W) uint8, train/good minus the holdout
+    model.fit_input_norm(images)
+    holdout = common.train_images(args, part="holdout")
     print(f"{STAGE}: {len(images)} training images at {args.image_size}px, depth N={cfg.depth}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
     common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
-                 make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, depth=cfg.depth),
-                 loss_fn=loss_fn, ckpt_path=f"{args.out}/{STAGE}.pt")
+                 make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, depth=cfg.depth,
+                                    anomaly_size=args.anomaly_size),
+                 loss_fn=loss_fn, ckpt_path=f"{args.out}/{STAGE}.pt",
+                 validate=partial(recon_report, images=holdout, batch_size=args.batch_size) if len(holdout) else None)
+
+
+@torch.no_grad()
+def recon_report(model, images, batch_size=8):
+    """How well each depth reconstructs clean images (uint8 (M, C, H, W), the holdout), against two references
+    that need no training: the image's mean colour, and a 2^n down/up blur (as much information as the
+    depth-n code, C x H/2^n x W/2^n). Returns {l1_n, psnr_n, l1_mean, l1_blur_n, ratio_mean_n, ratio_blur_n}:
+    a depth that learned nothing has ratio_mean near 1; one as good as the blur, ratio_blur near 1."""
+    device = next(model.parameters()).device
+    depths = range(1, model.cfg.depth + 1)
+    sums = {}
+
+    def add(k, v):
+        sums[k] = sums.get(k, 0.0) + float(v)
+
+    for i in range(0, len(images), batch_size):
+        x = common.to_float(images[i:i + batch_size]).to(device)  # (b, C, H, W)
+        recons = model.reconstruct_all(x).float().clamp(0, 1)  # (b, N, C, H, W), shown as an image would be
+        add("l1_mean", (x - x.mean((2, 3), keepdim=True)).abs().mean((1, 2, 3)).sum())
+        for n in depths:
+            err = (recons[:, n - 1] - x)  # (b, C, H, W)
+            add(f"l1_{n}", err.abs().mean((1, 2, 3)).sum())
+            add(f"psnr_{n}", (-10 * torch.log10(err.pow(2).mean((1, 2, 3)).clamp_min(1e-10))).sum())
+            blur = F.interpolate(F.avg_pool2d(x, 2 ** n), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            add(f"l1_blur_{n}", (blur - x).abs().mean((1, 2, 3)).sum())
+    rep = {k: v / len(images) for k, v in sums.items()}
+    for n in depths:
+        rep[f"ratio_mean_{n}"] = rep[f"l1_{n}"] / max(rep["l1_mean"], 1e-12)
+        rep[f"ratio_blur_{n}"] = rep[f"l1_{n}"] / max(rep[f"l1_blur_{n}"], 1e-12)
+    return rep
 
 
 def load_rcae(path):

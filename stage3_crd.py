@@ -46,9 +46,19 @@ def get_args(argv=None):
     g.add_argument("--use_depths", default=None,
                    help="recursion depths fed to CRD, comma-separated, e.g. 1,3,5; None = all 1..N "
                         "(paper; Table 6 ablates 5 and 1,3,5)")
+    g.add_argument("--crd_input", choices=["image", "residual"], default="image",
+                   help="what CRD sees of each depth next to I: the refined I_D^n (paper, Eq. (8)) or the residual "
+                        "I - I_D^n")
+    g = p.add_argument_group("loss (stage 3)")
+    g.add_argument("--loss", choices=["l2", "bce", "focal"], default="l2",
+                   help="mask term of Eq. (9): l2 (paper), or binary cross-entropy / focal (gamma 2, DRAEM) on the "
+                        "logits; the gradient term stays L2")
     g = p.add_argument_group("augmentation (stage 3)")
     g.add_argument("--anomaly_prob", type=float, default=0.5,
                    help="chance that a training image gets pseudo anomalies, else all-zero mask (paper: not given)")
+    g.add_argument("--anomaly_size", choices=common.ANOMALY_SIZES, default="scaled",
+                   help="pseudo-anomaly sizes: the paper's 32-128 px blocks scaled by image_size/1024, in pixels "
+                        "of this resolution, or relative to the image (see common.pseudo_anomaly)")
     g = p.add_argument_group("scoring (stage 3)")
     g.add_argument("--topk_frac", type=float, default=0.01,
                    help="image score = mean of this top fraction of M_A's pixels (paper: top-k mean, k not given)")
@@ -104,6 +114,7 @@ class Config:
     image_size: int = 1024  # training size, inherited
     width: int = 16  # base width w
     use_depths: list | None = None  # depths n on the recursion axis; None = all of 1..N (paper)
+    crd_input: str = "image"  # each depth's I_D^n (paper) or the residual I - I_D^n, next to I
 
     def __post_init__(self):
         self.use_depths = list(self.use_depths or range(1, self.depth + 1))
@@ -141,6 +152,11 @@ class CRD(nn.Module):
     memory_format = torch.channels_last_3d  # oneDNN's fast 3D layout: 1.4x on CPU (benchmarks/optimisations.py)
 
     def forward(self, x):
+        """Eq. (8): M_A = sigmoid of the logits, (B, 1, H, W)."""
+        return torch.sigmoid(self.logits(x))
+
+    def logits(self, x):
+        """(B, 2C, NR, H, W) -> the logits of M_A, (B, 1, H, W)."""
         x = x.contiguous(memory_format=self.memory_format)
         e1 = self.act(self.enc1(x))  # (B, w, NR, H, W)
         e2 = self.act(self.enc2(e1))  # (B, 2w, NR, H/2, W/2)
@@ -149,23 +165,25 @@ class CRD(nn.Module):
         d3 = self.act(common.conv_cat(self.dec3, up_to(self.red3(e4), e3), e3))  # (B, 4w, NR, H/4, W/4)
         d2 = self.act(common.conv_cat(self.dec2, up_to(self.red2(d3), e2), e2))  # (B, 2w, NR, H/2, W/2)
         d1 = self.act(common.conv_cat(self.dec1, up_to(self.red1(d2), e1), e1))  # (B, w, NR, H, W)
-        return torch.sigmoid(self.head(d1)[:, :, 0])  # Eq. (8): M_A, (B, 1, H, W)
+        return self.head(d1)[:, :, 0]  # (B, 1, H, W), the recursion axis reduced
 
 
-def crd_input(refined, image, depths):
-    """I_D^n (+) I for each selected depth n, stacked on the recursion axis.
+def crd_input(refined, image, depths, kind="image"):
+    """I_D^n (+) I for each selected depth n, stacked on the recursion axis (kind "residual": I - I_D^n (+) I).
 
     refined (B, N, C, H, W) holds depths 1..N, image (B, C, H, W) -> (B, 2C, NR, H, W)."""
     sel = refined[:, [n - 1 for n in depths]]  # (B, NR, C, H, W)
+    if kind == "residual":
+        sel = image[:, None] - sel
     both = torch.cat([sel, image[:, None].expand_as(sel)], 2)  # (B, NR, 2C, H, W)
     return both.transpose(1, 2)  # (B, 2C, NR, H, W)
 
 
-def frozen_forward(rcae, dpn, x, depths):
+def frozen_forward(rcae, dpn, x, depths, kind="image"):
     """Stages 1-2 on x (B, C, H, W): recons {I_R^n} and refined {I_D^n} (B, N, C, H, W), and CRD's input."""
     recons = rcae.reconstruct_all(x)  # (B, N, C, H, W), n = 1..N
     refined = dpn.refine(recons, x)  # Eq. (6), (B, N, C, H, W)
-    return recons, refined, crd_input(refined, x, depths)  # ..., (B, 2C, NR, H, W)
+    return recons, refined, crd_input(refined, x, depths, kind)  # ..., (B, 2C, NR, H, W)
 
 
 class Detector(nn.Module):
@@ -179,7 +197,7 @@ class Detector(nn.Module):
 
     def forward(self, x):
         """x (B, C, H, W) in [0, 1] -> recons, refined (B, N, C, H, W) and map M_A (B, 1, H, W)."""
-        recons, refined, inp = frozen_forward(self.rcae, self.dpn, x, self.use_depths)
+        recons, refined, inp = frozen_forward(self.rcae, self.dpn, x, self.use_depths, self.crd.cfg.crd_input)
         return {"recons": recons, "refined": refined, "map": self.crd(inp)}
 
     @torch.inference_mode()
@@ -193,27 +211,61 @@ class Detector(nn.Module):
 # ----------------------------------------------------------------------------- loss
 
 
-def crd_loss(pred, mask):
+def crd_loss(logits, mask, kind="l2"):
     """Eq. (9): |M_A - M_P|_2 + |M_A' - M_P'|_2, each as a mean squared error (the paper's "l2" read as
-    the squared norm, averaged like Eq. (5) and (7)). pred, mask (B, 1, H, W). Returns (total, parts)."""
-    mse = (pred - mask).pow(2).mean()
+    the squared norm, averaged like Eq. (5) and (7)). kind "bce" / "focal" replace the mask term by binary
+    cross-entropy / focal loss (gamma 2) on the logits, which keep a gradient where the sigmoid saturates.
+    logits, mask (B, 1, H, W). Returns (total, parts)."""
+    pred = torch.sigmoid(logits)  # M_A
     mse_grad = (grad(pred) - grad(mask)).pow(2).mean()  # (B, 2, H, W) gradient maps
-    return mse + mse_grad, {"mse": mse.detach(), "mse_grad": mse_grad.detach()}
+    if kind == "l2":
+        term = (pred - mask).pow(2).mean()
+    else:
+        bce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")  # (B, 1, H, W)
+        term = (bce * (1 - torch.exp(-bce)).pow(2) if kind == "focal" else bce).mean()  # focal: (1 - p_t)^2 BCE
+    return term + mse_grad, {kind: term.detach(), "mse_grad": mse_grad.detach()}
 
 
 # ----------------------------------------------------------------------------- train
 
 
-def make_batch(x, gen, anomaly_prob):
+def make_batch(x, gen, anomaly_prob, anomaly_size="scaled"):
     """x (B, C, H, W) clean -> images with pseudo anomalies and their masks M_P (all zero if untouched)."""
-    images, masks = common.augment_batch(x, gen, anomaly_prob)  # (B, C, H, W), (B, 1, H, W)
+    images, masks = common.augment_batch(x, gen, anomaly_prob, anomaly_size)  # (B, C, H, W), (B, 1, H, W)
     return {"image": images, "mask": masks}
 
 
-def loss_fn(net, b, rcae, dpn, depths):
+def loss_fn(net, b, rcae, dpn, depths, kind="image", loss="l2"):
     with torch.no_grad():  # RcAE and DPN are frozen: nothing flows back into them
-        _, _, inp = frozen_forward(rcae, dpn, b["image"], depths)  # (B, 2C, NR, H, W)
-    return crd_loss(net(inp).float(), b["mask"])
+        _, _, inp = frozen_forward(rcae, dpn, b["image"], depths, kind)  # (B, 2C, NR, H, W)
+    logits = net.logits(inp) if hasattr(net, "logits") else net._orig_mod.logits(inp)  # compiled: the original
+    return crd_loss(logits.float(), b["mask"], loss)
+
+
+VAL_STREAM = "validation"  # the pseudo-anomaly stream of the validation: no training stage draws it
+
+
+def validation_set(images, args, seed=0):
+    """The holdout normal images (uint8 (M, C, H, W)) with pseudo anomalies on every image, drawn from a
+    stream no training stage uses, with a fixed seed: the same set for every run with these settings."""
+    gen = torch.Generator().manual_seed(common.stream_seed(VAL_STREAM, seed, 0))
+    return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size)  # (M, C, H, W), (M, 1, H, W)
+
+
+def validate(crd, rcae, dpn, val, batch_size=8):
+    """P-AUROC and AUPRO of CRD's map on the validation set: do the pseudo anomalies get found?
+    (Not whether real defects do: that only the test split tells, and only evaluate.py reads it.)"""
+    import evaluate  # the one home of the metrics; imported here, as evaluate imports this file
+    images, masks = val
+    device = next(crd.parameters()).device
+    maps = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        _, _, inp = frozen_forward(rcae, dpn, x, crd.cfg.use_depths, crd.cfg.crd_input)
+        maps.append(crd(inp).float().cpu())
+    maps, masks = torch.cat(maps)[:, 0].numpy(), masks[:, 0].numpy()  # (M, H, W)
+    return {"p_auroc": evaluate.pixel_auroc(masks, maps), "aupro": evaluate.aupro(masks, maps),
+            "anomalous_px": float(masks.mean())}
 
 
 def calibrate(detector, images, args):
@@ -237,25 +289,28 @@ def main(argv=None):
     args.use_depths = parse_depths(args.use_depths, args.depth)
     common.seed_everything(args.seed)
     cfg = Config(channels=rcae.cfg.channels, depth=args.depth, image_size=args.image_size, width=args.width,
-                 use_depths=args.use_depths)
+                 use_depths=args.use_depths, crd_input=args.crd_input)
     model = CRD(cfg)
     device = common.get_device(args.device)
     rcae.to(device)
     dpn.to(device)
     images = common.train_images(args)  # (M, 3, H, W) uint8, the same train/good minus holdout as stage 1
+    holdout = common.train_images(args, part="holdout")  # kept out of all training: validation, threshold
     print(f"{STAGE}: {len(images)} training images at {args.image_size}px, depths {cfg.use_depths} of N={cfg.depth}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters; RcAE {args.rcae} and DPN {args.dpn} frozen")
 
     path = f"{args.out}/{STAGE}.pt"
     common.check_upstream_unchanged(path, STAGE, ups, args)
     ck = common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
-                      make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob),
-                      loss_fn=partial(loss_fn, rcae=rcae, dpn=dpn, depths=cfg.use_depths),
-                      ckpt_path=path, extra={"upstream": ups})
+                      make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, anomaly_size=args.anomaly_size),
+                      loss_fn=partial(loss_fn, rcae=rcae, dpn=dpn, depths=cfg.use_depths, kind=cfg.crd_input,
+                                      loss=args.loss),
+                      ckpt_path=path, extra={"upstream": ups},
+                      validate=partial(validate, rcae=rcae, dpn=dpn, val=validation_set(holdout, args),
+                                       batch_size=args.batch_size) if len(holdout) else None)
 
     # the threshold needs the trained CRD, so it is added to the final checkpoint afterwards (atomic rewrite)
-    cal = calibrate(Detector(rcae, dpn, model, topk_frac=args.topk_frac),
-                    common.train_images(args, part="holdout"), args)
+    cal = calibrate(Detector(rcae, dpn, model, topk_frac=args.topk_frac), holdout, args)
     keep = {k: v for k, v in ck.items() if k not in ("stage", "model", "model_config", "args", "step", "version")}
     common.save_checkpoint(path, STAGE, model, ck["model_config"], args, ck["step"], **{**keep, "calibration": cal})
     print(f"{STAGE}: image threshold {cal['image_threshold']} = {cal['quantile']} quantile of "

@@ -17,6 +17,8 @@ evaluate.py writes for both methods (metrics.json, figures/).
 """
 import argparse
 import json
+import os
+import shlex
 import subprocess
 import sys
 import time
@@ -39,10 +41,17 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="one category folder (MVTec AD or VisA layout)")
     p.add_argument("--out", default=None, help="output folder (default: runs/compare/<category>)")
-    p.add_argument("--budget-min", dest="budget_min", type=float, default=20, help="training minutes per method, on this machine's measured speed")
+    p.add_argument("--budget_min", "--budget-min", dest="budget_min", type=float, default=20,
+                   help="training minutes per method, on this machine's measured speed")
+    p.add_argument("--steps", default=None,
+                   help="explicit optimiser steps instead of timing: 'stage1,stage2,stage3,fair' (e.g. 1758,263,258,83) "
+                        "or a previous compare.json, whose steps are reused; the same budget on any machine")
     p.add_argument("--image_size", type=int, default=256, help="the same for both methods")
     p.add_argument("--depth", type=int, default=5, help="RcAE recursion depth N (paper: 5)")
     p.add_argument("--split", default="0.4,0.2,0.4", help="RcAE budget fractions of stages 1, 2, 3")
+    for k in (1, 2, 3):
+        p.add_argument(f"--stage{k}", type=shlex.split, default=[], metavar="FLAGS",
+                       help=f"extra flags of stage {k}, quoted, e.g. --stage{k} '--lr 1e-3'")
     p.add_argument("--batch_size", type=int, default=8, help="training batch of both methods")
     p.add_argument("--lr", type=float, default=None, help="learning rate of both (default: each paper's, 1e-4)")
     p.add_argument("--fair_base", type=int, default=128, help="FAIR UNet base width (paper: 128)")
@@ -73,24 +82,60 @@ def step_seconds(args, device):
     return speed.round_robin({k: its[v][0] for k, v in names.items()}, sargs.repeats, device)
 
 
+NAMES = ["stage1_rcae", "stage2_dpn", "stage3_crd", "fair"]
+
+
+def explicit_steps(text):
+    """--steps 'a,b,c,d' or a compare.json path -> {stage1_rcae: a, stage2_dpn: b, stage3_crd: c, fair: d}."""
+    if Path(text).is_file():
+        try:
+            steps = json.loads(Path(text).read_text())["budget_steps"]
+        except (ValueError, KeyError, TypeError):
+            raise common.UserError(f"--steps {text}: not a compare.json with budget_steps") from None
+        return {k: int(steps[k]) for k in NAMES}
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 4 or min(vals) < 1:
+        raise common.UserError(f"--steps {text}: give four positive step counts 'stage1,stage2,stage3,fair' "
+                               f"(e.g. 1758,263,258,83) or a compare.json")
+    return dict(zip(NAMES, vals))
+
+
+def load_warning():
+    """A warning when the machine was busy while the steps were timed: the budget in steps then shrinks."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        common.warn(f"load average {load:.1f} exceeds the {cores} cores while timing: other processes share the CPU "
+                    f"and the step budget comes out too small; rerun on a quiet machine or pass --steps")
+    return round(load, 2)
+
+
 def train_both(args, out, device):
     split = [float(s) for s in args.split.split(",")]
     if len(split) != 3 or abs(sum(split) - 1) > 1e-6:
         raise common.UserError(f"--split needs three fractions summing to 1 (got {args.split})")
-    sec = step_seconds(args, device)
-    common.release_memory()  # the four timed steps' blocks, before training starts
-    minutes = {"stage1_rcae": split[0] * args.budget_min, "stage2_dpn": split[1] * args.budget_min,
-               "stage3_crd": split[2] * args.budget_min, "fair": args.budget_min}
-    steps = {k: max(1, round(minutes[k] * 60 / sec[k])) for k in sec}
-    print("seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items()))
+    if args.steps:
+        steps, sec, load = explicit_steps(args.steps), {}, None
+    else:
+        sec = step_seconds(args, device)
+        load = load_warning()
+        common.release_memory()  # the four timed steps' blocks, before training starts
+        minutes = {"stage1_rcae": split[0] * args.budget_min, "stage2_dpn": split[1] * args.budget_min,
+                   "stage3_crd": split[2] * args.budget_min, "fair": args.budget_min}
+        steps = {k: max(1, round(minutes[k] * 60 / sec[k])) for k in sec}
+        print("seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items()))
     print("steps in the budget: " + ", ".join(f"{k} {v}" for k, v in steps.items()))
     wall = {}
     for name, module in STAGES + [("fair", fair)]:
-        extra = {"stage1_rcae": ["--depth", str(args.depth)], "fair": ["--base", str(args.fair_base)]}.get(name, [])
+        extra = {"stage1_rcae": ["--depth", str(args.depth)] + args.stage1, "stage2_dpn": args.stage2,
+                 "stage3_crd": args.stage3, "fair": ["--base", str(args.fair_base)]}.get(name, [])
         t0 = time.time()
         module.main(shared_flags(args, out) + extra + ["--max_steps", str(steps[name])])
         wall[name] = round((time.time() - t0) / 60, 2)
-    return dict(seconds_per_step={k: round(v, 3) for k, v in sec.items()}, budget_steps=steps, wall_minutes=wall)
+    return dict(seconds_per_step={k: round(v, 3) for k, v in sec.items()}, budget_steps=steps, wall_minutes=wall,
+                load_average_while_timing=load)
 
 
 PROBE = """
@@ -151,6 +196,8 @@ def main(argv=None):
     infer = interleaved_speed(out, args.image_size, device)
     mem = {kind: peak_rss_mb(kind, out, args.image_size, 4) for kind in ("rcae", "fair")}
     rate = {k: round(args.batch_size / v, 3) for k, v in budget["seconds_per_step"].items()}
+    rate = {k: rate.get(k, round(budget["budget_steps"][k] * args.batch_size / (60 * budget["wall_minutes"][k]), 3))
+            for k in NAMES}  # explicit steps: the training's own rate, evaluation and overheads included
     train_rate = {"rcae": {name: rate[name] for name, _ in STAGES}, "fair": rate["fair"]}
     steps = {name: torch.load(Path(out) / f"{name}.pt", weights_only=True, map_location="cpu")["step"]
              for name in [s for s, _ in STAGES] + ["fair"]}

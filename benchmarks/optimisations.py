@@ -118,7 +118,7 @@ def main(argv=None):
 
     def crd_step(**kw):
         with variant(**kw):
-            stage3_crd.crd_loss(crd.train()(crd_in).float(), mask)[0].backward()
+            stage3_crd.crd_loss(crd.train().logits(crd_in).float(), mask)[0].backward()
 
     @torch.inference_mode()
     def crd_infer(**kw):

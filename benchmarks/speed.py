@@ -138,7 +138,7 @@ def items(m, size, args, device):
         with amp():
             with torch.no_grad():
                 _, _, inp = stage3_crd.frozen_forward(rcae, dpn, x, crd.cfg.use_depths)
-            loss, _ = stage3_crd.crd_loss(net["crd"](inp).float(), mask)
+            loss, _ = stage3_crd.crd_loss(net["crd"].logits(inp).float(), mask)
         loss.backward()
 
     detector = stage3_crd.Detector(rcae.eval(), dpn.eval(), crd.eval())

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 from argparse import Namespace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +167,9 @@ def test_pseudo_anomaly_mask_is_exact_and_reproducible():
         out, mask = common.pseudo_anomaly(img, torch.Generator().manual_seed(seed))
         assert out.shape == img.shape and mask.shape == (1, 64, 64)
         assert out.min() >= 0 and out.max() <= 1
-        assert torch.equal(mask[0] > 0, (out != img).any(0))  # exactly the changed pixels
+        changed = (out - img).abs().amax(0)
+        thr = max(1 / 255, common.MIN_VISIBLE * float(img.std()))
+        assert torch.equal(mask[0] > 0, (changed > thr) & (mask[0] > 0)) and (mask[0] > 0).any()  # visible only
         assert set(mask.unique().tolist()) <= {0.0, 1.0}
         again = common.pseudo_anomaly(img, torch.Generator().manual_seed(seed))
         assert torch.equal(out, again[0]) and torch.equal(mask, again[1])
@@ -181,6 +184,61 @@ def test_pseudo_anomaly_sizes_scale_with_image():
         return np.mean([common.pseudo_anomaly(img, torch.Generator().manual_seed(s))[1].mean() for s in range(30)])
     # the same fraction of the image at 128 and 512 px (block sizes scale with H / 1024)
     assert 0.3 < mean_area(128) / mean_area(512) < 3
+
+
+def test_pseudo_anomaly_mask_leaves_out_invisible_changes():
+    """A patch pasted onto similar texture changes pixels by almost nothing: those are not labelled."""
+    ramp = torch.linspace(0.4, 0.6, 64)
+    img = (ramp[None, :, None] + 0.0 * ramp[None, None, :]).expand(3, 64, 64).contiguous()  # smooth, gray
+    tiny = 0
+    for seed in range(40):
+        out, mask = common.pseudo_anomaly(img, torch.Generator().manual_seed(seed))
+        changed = (out - img).abs().amax(0)
+        thr = common.MIN_VISIBLE * float(img.std())
+        assert (changed[mask[0] > 0] > thr).all()
+        tiny += int(((changed > 0) & (changed <= thr)).sum())
+    assert tiny > 0  # such changes happened, and the masks left them out
+
+
+def test_gray_images_get_gray_pseudo_anomalies():
+    gray = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(0)).expand(3, 64, 64).contiguous()
+    colour = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    coloured = 0
+    for seed in range(20):
+        out, mask = common.pseudo_anomaly(gray, torch.Generator().manual_seed(seed))
+        assert mask.sum() > 0 and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+        out, mask = common.pseudo_anomaly(colour, torch.Generator().manual_seed(seed))
+        coloured += int(((out - colour).abs().sum(0) > 0).sum())
+    assert coloured > 0
+
+
+@pytest.mark.parametrize("mode", common.ANOMALY_SIZES)
+def test_pseudo_anomaly_size_modes(mode):
+    def mean_area(size):
+        img = torch.rand(3, size, size)
+        return np.mean([common.pseudo_anomaly(img, torch.Generator().manual_seed(s), size_mode=mode)[1].mean()
+                        for s in range(30)])
+    ratio = mean_area(128) / mean_area(512)  # fraction of the image at 128 px over that at 512 px
+    # "pixels" keeps the pixel size, so the fraction shrinks 16x at 4x the side; the others keep the fraction
+    assert (ratio > 6) if mode == "pixels" else (0.3 < ratio < 3)
+    if mode == "relative":
+        assert mean_area(128) > 4 * np.mean([common.pseudo_anomaly(torch.rand(3, 128, 128), torch.Generator().manual_seed(
+            s))[1].mean() for s in range(30)])  # far larger than the scaled reading at 128 px
+
+
+def test_every_stage_draws_its_own_pseudo_anomalies():
+    """Stage 3 must not train on exactly the corruptions stage 1 was fitted to remove (same seed, same step)."""
+    import stage1_rcae
+    import stage3_crd
+    images = (torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    s1 = common.Batches(images, 4, 0, 0, 3, partial(stage1_rcae.make_batch, anomaly_prob=1.0, depth=2),
+                        stream="stage1_rcae")
+    s3 = common.Batches(images, 4, 0, 0, 3, partial(stage3_crd.make_batch, anomaly_prob=1.0), stream="stage3_crd")
+    for i in range(3):
+        a, b = s1[i], s3[i]
+        assert not torch.equal(a["input"], b["image"])
+    again = common.Batches(images, 4, 0, 0, 3, partial(stage3_crd.make_batch, anomaly_prob=1.0), stream="stage3_crd")
+    assert torch.equal(again[1]["image"], s3[1]["image"])  # still a pure function of (stream, seed, step)
 
 
 def test_augment_batch_probability():

@@ -64,14 +64,16 @@ def test_two_step_run_writes_checkpoint_that_reloads(toy_data, tmp_path):
     stage1_rcae.main(quick_args(toy_data, out))
     model, ck = stage1_rcae.load_rcae(out / "stage1_rcae.pt")
     assert ck["stage"] == "stage1_rcae" and ck["step"] == 2
-    assert ck["model_config"] == {"channels": 3, "width": 32, "depth": 3, "image_size": 64}
+    assert ck["model_config"] == {"channels": 3, "width": 32, "depth": 3, "image_size": 64, "norm": "none",
+                                  "input_norm": 0, "out_act": "none"}
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     rebuilt = RcAE(Config(**ck["model_config"]))
     rebuilt.load_state_dict(ck["model"])
     x = torch.rand(1, 3, 64, 64)
     assert torch.equal(rebuilt.eval()(x), model(x))
     log = [json.loads(line) for line in open(out / "stage1_rcae.log.jsonl")]
-    assert {"l1", "l1_grad", "img_per_s"} <= set(log[-1])
+    assert {"l1", "l1_grad", "img_per_s"} <= set([r for r in log if "loss" in r][-1])
+    assert "ratio_mean_3" in log[-1]["val"]  # the reconstruction report closes the log
 
 
 def test_resume_continues_from_saved_step(toy_data, tmp_path, capsys):
@@ -149,3 +151,70 @@ def test_time_budget_stops_and_resumes(toy_data, tmp_path, capsys):
     assert torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["step"] == 1
     stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=5))
     assert "resuming from step 1 of 5" in capsys.readouterr().out
+
+
+def test_reconstruction_report_is_logged_on_the_holdout(toy_data, tmp_path):
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=4, val_every=2))
+    log = [json.loads(line) for line in open(tmp_path / "stage1_rcae.log.jsonl")]
+    vals = [r for r in log if "val" in r]
+    assert [r["step"] for r in vals] == [2, 4]
+    rep = vals[-1]["val"]
+    for n in (1, 2, 3):
+        assert {f"l1_{n}", f"psnr_{n}", f"l1_blur_{n}", f"ratio_mean_{n}", f"ratio_blur_{n}"} <= set(rep)
+        assert rep[f"ratio_mean_{n}"] == pytest.approx(rep[f"l1_{n}"] / rep["l1_mean"], rel=1e-4)
+    assert torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["val"] == rep
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in RcAE whose every depth returns f(x): to check recon_report against known answers."""
+
+    def __init__(self, f, depth=2):
+        super().__init__()
+        self.cfg, self.f, self.p = Config(depth=depth), f, torch.nn.Parameter(torch.zeros(1))
+
+    def reconstruct_all(self, x):
+        return torch.stack([self.f(x, n) for n in range(1, self.cfg.depth + 1)], 1)
+
+
+def test_reconstruction_report_references():
+    images = (torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    mean = stage1_rcae.recon_report(_Fixed(lambda x, n: x.mean((2, 3), keepdim=True).expand_as(x)), images, 2)
+    assert mean["ratio_mean_1"] == pytest.approx(1, rel=1e-5) and mean["ratio_mean_2"] == pytest.approx(1, rel=1e-5)
+    blur = stage1_rcae.recon_report(_Fixed(lambda x, n: torch.nn.functional.interpolate(
+        torch.nn.functional.avg_pool2d(x, 2 ** n), size=x.shape[-2:], mode="bilinear", align_corners=False)), images)
+    assert blur["ratio_blur_1"] == pytest.approx(1, rel=1e-5) and blur["ratio_blur_2"] == pytest.approx(1, rel=1e-5)
+    perfect = stage1_rcae.recon_report(_Fixed(lambda x, n: x), images)
+    assert perfect["l1_1"] == 0 and perfect["psnr_2"] >= 99
+
+
+def test_input_norm_makes_the_intensity_scale_irrelevant():
+    """With --input_norm 1 a copy of the data scaled by 0.25 is the same problem: the same weights give
+    exactly the scaled reconstruction, so training cannot tell a dark category from a bright one."""
+    images = (torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 200 + 20).to(torch.uint8)
+    dark = (images.float() * 0.25).round().to(torch.uint8)
+    torch.manual_seed(0)
+    a = RcAE(Config(width=8, depth=2, input_norm=1))
+    b = RcAE(Config(width=8, depth=2, input_norm=1))
+    b.load_state_dict(a.state_dict())
+    a.fit_input_norm(images)
+    b.fit_input_norm(dark)
+    assert torch.allclose(b.in_std, a.in_std * 0.25, rtol=0.02)
+    x = common.to_float(dark)
+    assert torch.allclose(b(x, 2), a(x / 0.25, 2) * 0.25, atol=1e-4)
+    plain = RcAE(Config(width=8, depth=2))
+    plain.load_state_dict({k: v for k, v in a.state_dict().items() if not k.startswith("in_")}, strict=False)
+    assert not torch.allclose(plain(x, 2), plain(x / 0.25, 2) * 0.25, atol=1e-3)
+
+
+@pytest.mark.parametrize("norm,out_act", [("instance", "none"), ("none", "sigmoid")])
+def test_block_norm_and_output_activation(norm, out_act):
+    model = RcAE(Config(width=8, depth=2, norm=norm, out_act=out_act))
+    x = torch.rand(2, 3, 32, 32)
+    y = model(x, 2)
+    assert y.shape == x.shape
+    if out_act == "sigmoid":
+        assert 0 < y.min() and y.max() < 1
+    if norm == "instance":
+        assert sum(isinstance(m, torch.nn.InstanceNorm2d) for m in model.modules()) == 6
+    recon_loss(y, x)[0].backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -131,7 +131,7 @@ def test_crd_gradients_reach_every_parameter_and_every_recursion_step():
     crd = CRD(stage3_crd.Config(depth=3, width=4))
     x = torch.rand(2, 6, 3, 32, 32, requires_grad=True)
     mask = (torch.rand(2, 1, 32, 32) > 0.7).float()
-    crd_loss(crd(x), mask)[0].backward()
+    crd_loss(crd.logits(x), mask)[0].backward()
     for name, p in crd.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     for n in range(3):  # the map depends on every depth on the recursion axis
@@ -139,14 +139,54 @@ def test_crd_gradients_reach_every_parameter_and_every_recursion_step():
 
 
 def test_crd_loss_is_squared_eq9():
-    mask = (torch.rand(2, 1, 16, 16) > 0.5).float()
-    loss, parts = crd_loss(mask, mask)
-    assert loss == 0 and parts["mse"] == 0 and parts["mse_grad"] == 0
-    loss, parts = crd_loss(mask + 0.1, mask)  # squared: 0.01, not 0.1; a shift has no gradient error
-    assert abs(loss - 0.01) < 1e-6 and parts["mse_grad"] < 1e-9
+    logit = torch.logit  # crd_loss takes the logits of M_A
+    mask = (torch.rand(2, 1, 16, 16) > 0.5).float() * 0.8 + 0.1
+    loss, parts = crd_loss(logit(mask), mask)
+    assert loss < 1e-10 and parts["l2"] < 1e-10 and parts["mse_grad"] < 1e-10
+    loss, parts = crd_loss(logit(mask - 0.05), mask)  # squared: 0.0025, not 0.05; a shift has no gradient error
+    assert abs(loss - 0.0025) < 1e-6 and parts["mse_grad"] < 1e-9
     edge = torch.zeros(1, 1, 16, 16)
     edge[..., 8:] = 1
-    assert crd_loss(torch.full_like(edge, 0.5), edge)[1]["mse_grad"] > 0
+    assert crd_loss(torch.zeros_like(edge), edge)[1]["mse_grad"] > 0
+
+
+def test_crd_loss_kinds_keep_a_gradient_where_l2_saturates():
+    """A missed anomalous pixel at logit -10: L2 through the sigmoid gives it almost no gradient, BCE and focal do."""
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 3:5, 3:5] = 1
+    grads = {}
+    for kind in ("l2", "bce", "focal"):
+        logits = torch.full_like(mask, -10.0, requires_grad=True)
+        crd_loss(logits, mask, kind)[0].backward()
+        grads[kind] = logits.grad[mask > 0].abs().mean().item()
+    assert grads["l2"] < 1e-5 and grads["bce"] > 1e-3 and grads["focal"] > 1e-3
+
+
+def test_crd_residual_input():
+    refined, image = torch.rand(2, 3, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    x = crd_input(refined, image, [1, 3], "residual")  # (B, 2C, NR, H, W)
+    assert torch.equal(x[:, :3, 1], image - refined[:, 2]) and torch.equal(x[:, 3:, 0], image)
+
+
+def test_crd_learns_to_find_fresh_pseudo_anomalies(toy_data, tmp_path, monkeypatch):
+    """A few hundred CPU steps make CRD localise pseudo anomalies of the validation stream (drawn by no
+    training stage, on holdout images no stage trained on) far better than chance; with a broken loss
+    (blind to the mask) the same check fails."""
+    kw = dict(image_size=None, depth=None)
+    stage1_rcae.main(quick_args(toy_data, tmp_path, image_size=32, depth=2, max_steps=30, lr=1e-3, holdout=0.25))
+    stage2_dpn.main(quick_args(toy_data, tmp_path, max_steps=2, **kw))
+    real, val = stage3_crd.crd_loss, {}
+    for broken in (True, False):
+        if broken:
+            monkeypatch.setattr(stage3_crd, "crd_loss", lambda lg, m, k: real(lg, torch.zeros_like(m), k))
+        else:
+            monkeypatch.setattr(stage3_crd, "crd_loss", real)
+        out = tmp_path / f"broken{broken}"
+        stage3_crd.main(quick_args(toy_data, out, max_steps=250, lr=1e-3, width=8, batch_size=8, val_every=0,
+                                   anomaly_prob=1.0, rcae=tmp_path / "stage1_rcae.pt", dpn=tmp_path / "stage2_dpn.pt", **kw))
+        val[broken] = torch.load(out / "stage3_crd.pt", weights_only=True)["val"]
+    assert val[False]["p_auroc"] > 0.8 and val[False]["p_auroc"] > val[True]["p_auroc"] + 0.15, val
+    assert val[False]["aupro"] > val[True]["aupro"], val
 
 
 def test_crd_input_layout_and_table6_subset():
@@ -240,7 +280,8 @@ def test_chain_dpn_checkpoint(chain):
 def test_chain_crd_checkpoint_and_detector(chain):
     crd, ck = stage3_crd.load_crd(chain.out / "stage3_crd.pt")
     assert ck["stage"] == "stage3_crd" and ck["step"] == 2
-    assert ck["model_config"] == {"channels": 3, "depth": 3, "image_size": 64, "width": 4, "use_depths": [1, 2, 3]}
+    assert ck["model_config"] == {"channels": 3, "depth": 3, "image_size": 64, "width": 4, "use_depths": [1, 2, 3],
+                                  "crd_input": "image"}
     # what common.train saved survives the calibration rewrite
     assert ck["total_steps"] == 2 and set(ck["upstream"]) == {"rcae", "rcae_sha", "dpn", "dpn_sha"}
     det = stage3_crd.load_detector(chain.out)
