@@ -8,7 +8,10 @@ evaluates every variant they allow, which is the paper's Table 2 ablation from o
     crd        the CRD map M_A, Eq. (8), score top-k mean with the calibrated k                  stages 1-3
     fair       the FAIR baseline's map and image score (--method fair, baselines/fair.py)
 
-Image size and depth come from the stage-1 checkpoint (FAIR: its own); masks are read at that size.
+Image size, depth and --resize come from the stage-1 checkpoint (FAIR: its own). Masks are optional: I-AUROC
+and best F1 are over all test images, P-AUROC and AUPRO over the images whose pixel ground truth is known
+(normal images, anomalous ones with a mask). They are computed on each image's metric frame: its own aspect
+ratio with the long side at the model's size (common.metric_frame), the map taken back from the square input.
 A stage missing from <out> is taken from the path its downstream checkpoint recorded (Table 6 runs).
 Each variant runs only what it needs (rcae: one depth-N pass; rcae+dpn: plus DPN on that depth), and
 its images/s is the time to produce the maps of the whole test split after one warm-up batch, host
@@ -26,13 +29,15 @@ Writes: <out>/metrics.json, <out>/scores.json (image scores, for the ROC curves)
         for a folder of categories results.md and results.csv in runs/<root> (or --out);
         for --predict <out>/predictions/*.png and <out>/predictions/predictions.csv.
 
-metrics.json, schema 1 (a metric is null when not defined: one class missing from the test split):
-    {"schema": 1, "data": str, "category": str, "device": str, "image_size": int, "depth": int|null,
-     "n_images": int, "n_anomalous": int, "params": {stage: int}, "peak_mem_source": str,
+metrics.json, schema 1 (a metric is null when not defined: one class missing from the test split, or no
+anomalous image with a mask for the pixel metrics):
+    {"schema": 1, "data": str, "category": str, "device": str, "image_size": int, "resize": str,
+     "depth": int|null, "n_images": int, "n_anomalous": int, "n_pixel_images": int (those with pixel ground
+     truth), "n_pixel_anomalous": int, "params": {stage: int}, "peak_mem_source": str,
      "variants": {name: {"method": "rcae"|"fair", "i_auroc", "p_auroc", "aupro": float|null in [0, 1],
                          "best_f1": float|null, "best_f1_threshold": float|null, "images_per_s": float,
                          "peak_mem_mb": float|null, "params": int (all stages it uses), "image_size": int,
-                         "n_images": int, "n_anomalous": int}},
+                         "n_images", "n_anomalous", "n_pixel_images", "n_pixel_anomalous": int}},
      "calibrated_threshold": null | {"variant": "crd", "image_threshold", "topk_frac", "quantile",
                                      "tpr", "fpr", "f1": the test split judged at that threshold}}
 Running one --method replaces that method's variants and keeps the other's.
@@ -108,9 +113,17 @@ def image_auroc(labels, scores):
     return float(roc_auc_score(y, s)) if _both(y) else math.nan
 
 
+def _flat(arrays, dtype=None):
+    """(M, H, W) array, or a list of (H_i, W_i) arrays (images of several sizes) -> one flat array."""
+    if isinstance(arrays, np.ndarray):
+        return arrays.ravel() if dtype is None else arrays.astype(dtype, copy=False).ravel()
+    return np.concatenate([np.asarray(a, dtype=dtype).ravel() for a in arrays]) if len(arrays) else np.zeros(0, dtype)
+
+
 def pixel_auroc(masks, maps):
-    """Pixel-level AUROC over all test pixels. masks (M, H, W) binarised at > 0, maps (M, H, W)."""
-    y, s = np.asarray(masks).ravel() > 0, np.asarray(maps, dtype=np.float32).ravel()
+    """Pixel-level AUROC over all test pixels. masks (M, H, W) binarised at > 0, maps (M, H, W); or lists of
+    per-image (H_i, W_i) arrays."""
+    y, s = _flat(masks) > 0, _flat(maps, np.float32)
     return float(roc_auc_score(y, s)) if _both(y) else math.nan
 
 
@@ -135,30 +148,30 @@ def aupro(masks, maps, fpr_limit=0.3):
     images) at or above t; PRO(t) the mean over all regions of the fraction of the region at or above t.
     The curve runs from (0, 0) through every threshold to (1, 1); it is integrated with the trapezoid
     rule up to FPR = fpr_limit (interpolated there) and divided by fpr_limit, so the result is in [0, 1].
-    masks (M, H, W) binarised at > 0, maps (M, H, W). nan when there is no region or no normal pixel.
+    masks (M, H, W) binarised at > 0, maps (M, H, W), or lists of per-image (H_i, W_i) arrays. nan when
+    there is no region or no normal pixel.
 
     One sort of all pixels replaces the threshold loop: a pixel of region r adds 1 / (R |r|) to PRO once
     the threshold passes its score, so PRO and FPR are cumulative sums in descending score order."""
-    masks = np.asarray(masks) > 0  # (M, H, W)
-    maps = np.asarray(maps)
+    shapes = [(np.shape(a), np.shape(b)) for a, b in zip(masks, maps)]
+    if len(masks) != len(maps) or any(a != b or len(a) != 2 for a, b in shapes):
+        raise ValueError(f"aupro: masks and maps must both be (M, H, W) or lists of equal (H_i, W_i), got {shapes[:3]}")
+    regions, n_regions = [], 0  # 0 = normal pixel, 1..R = region id over all images
+    for m in masks:
+        lab, n = ndimage.label(np.asarray(m) > 0, structure=np.ones((3, 3), int))  # 8-connectivity
+        regions.append(np.where(lab > 0, lab + n_regions, 0).ravel())
+        n_regions += n
+    region = np.concatenate(regions) if regions else np.zeros(0, np.int64)
+    maps = _flat(maps)
     if not np.issubdtype(maps.dtype, np.floating):
         maps = maps.astype(np.float64)
-    if masks.shape != maps.shape or masks.ndim != 3:
-        raise ValueError(f"aupro: masks {masks.shape} and maps {maps.shape} must both be (M, H, W)")
-    region = np.zeros(masks.shape, np.int32)  # 0 = normal pixel, 1..R = region id over all images
-    n_regions = 0
-    for i in range(len(masks)):
-        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3), int))  # 8-connectivity
-        region[i] = np.where(lab > 0, lab + n_regions, 0)
-        n_regions += n
-    region = region.ravel()
     size = np.bincount(region, minlength=n_regions + 1)  # (R + 1,) pixels per region, [0] = normal
     n_normal = int(size[0])
     if n_regions == 0 or n_normal == 0:
         return math.nan
     gain = np.r_[0.0, 1.0 / (n_regions * size[1:])]  # (R + 1,) PRO gained per pixel of each region
-    order = np.argsort(maps.ravel(), kind="stable")[::-1]  # descending score
-    s = maps.ravel()[order]
+    order = np.argsort(maps, kind="stable")[::-1]  # descending score
+    s = maps[order]
     ids = region[order]
     del order, region
     fpr = np.cumsum(ids == 0, dtype=np.int64)
@@ -366,9 +379,34 @@ def match_masks(masks, shape, note):
 
 
 def metrics_of(labels, masks, maps, scores):
+    """Image metrics over all images; pixel metrics over `masks` and `maps`, the images with ground truth."""
     f1, thr = best_f1(labels, scores)
     return {"i_auroc": image_auroc(labels, scores), "p_auroc": pixel_auroc(masks, maps),
             "aupro": aupro(masks, maps), "best_f1": f1, "best_f1_threshold": thr}
+
+
+def resize_of(st):
+    """How the stages turned images into squares (--resize of stage 1; squash before the flag existed)."""
+    ck = next(iter(st.values()))[1]
+    return ck["args"].get("resize") or common.BEFORE_FLAG["resize"]
+
+
+def on_frames(split, size, maps, idx):
+    """The maps of images `idx` on their metric frames (common.metric_frame: the image's aspect ratio, long
+    side `size`), with the ground truth read on the same frames: (masks, maps), each (K, h, w) arrays when
+    the frames agree, else lists. Square images need no change: the frame is the model input."""
+    frames = [common.metric_frame(*split.sizes[i], size) for i in idx]
+    if all(f == (size, size) for f in frames):
+        return split.masks[torch.as_tensor(idx, dtype=torch.long), 0].numpy(), maps[idx]
+    masks, out = [], []
+    for i, f in zip(idx, frames):
+        s = split.samples[i]
+        masks.append(common.read_mask(s.mask, f) if s.mask else np.zeros(f, bool))  # (h, w)
+        m = torch.from_numpy(maps[i])[None, None]  # (1, 1, size, size)
+        out.append(common.map_to_image(m, split.sizes[i], size, split.resize, f)[0, 0].numpy())  # (h, w)
+    if len(set(frames)) == 1:
+        return np.stack(masks), np.stack(out)
+    return masks, out
 
 
 # ----------------------------------------------------------------------------- one category
@@ -412,24 +450,34 @@ def evaluate_category(data, out, args):
         model.to(device)
     size = image_size_of(st)
     depth = st["stage1_rcae"][1]["model_config"]["depth"] if "stage1_rcae" in st else None
-    split = common.load_split(str(data), "test", size, args.workers)
-    labels, masks = split.labels.numpy(), split.masks[:, 0].numpy()  # (M,), (M, H, W) bool
-    n_anom = int(labels.sum())
-    print(f"evaluate: {data}: {len(labels)} test images ({n_anom} anomalous) at {size}px on {device}, "
-          f"stages {', '.join(st)}")
+    split = common.load_split(str(data), "test", size, args.workers, resize_of(st))
+    labels = split.labels.numpy()  # (M,)
+    pix = np.flatnonzero(split.has_mask.numpy())  # the images whose pixel ground truth is known
+    n_anom, n_pix_anom = int(labels.sum()), int(labels[pix].sum())
+    counts = {"n_images": len(labels), "n_anomalous": n_anom, "n_pixel_images": len(pix),
+              "n_pixel_anomalous": n_pix_anom}
+    print(f"evaluate: {data}: {len(labels)} test images ({n_anom} anomalous, {n_pix_anom} of them with a mask) "
+          f"at {size}px on {device}, stages {', '.join(st)}")
     if n_anom in (0, len(labels)):
         common.warn(f"the test split of {data} has only {'normal' if n_anom == 0 else 'anomalous'} images: "
-                    f"AUROC and AUPRO are not defined (null)")
+                    f"AUROC, AUPRO and best F1 need both kinds and are not defined (null)")
+    elif n_pix_anom == 0:
+        common.warn(f"no anomalous test image of {data} has a mask: P-AUROC and AUPRO are not defined (null); "
+                    f"I-AUROC and best F1 are over all {len(labels)} images")
+    elif n_pix_anom < n_anom:
+        common.warn(f"{n_anom - n_pix_anom} of {n_anom} anomalous test images of {data} have no mask: P-AUROC and "
+                    f"AUPRO are over the {len(pix)} images with pixel ground truth, I-AUROC over all {len(labels)}")
     topk = topk_frac_of(st, args.topk_frac)
     params = {name: n_params(model) for name, (model, _) in st.items()}
     variants, scores, fig_idx, fig_maps, note = {}, {}, figure_indices(labels, args.n_figures), {}, []
     for name, fn in variant_fns(st, args.sigma, topk).items():
         maps, s, seconds, mem = run_variant(fn, split.images, device, args.batch_size, name)
-        m = match_masks(masks, maps.shape[-2:], note)
-        variants[name] = {"method": args.method, **metrics_of(labels, m, maps, s),
+        gt, m = on_frames(split, maps.shape[-1], maps, pix)
+        if isinstance(gt, np.ndarray):
+            gt = match_masks(gt, m.shape[-2:], note)
+        variants[name] = {"method": args.method, **metrics_of(labels, gt, m, s),
                           "images_per_s": len(labels) / seconds, "peak_mem_mb": mem,
-                          "params": sum(params[k] for k in variant_stages(name)), "image_size": size,
-                          "n_images": len(labels), "n_anomalous": n_anom}
+                          "params": sum(params[k] for k in variant_stages(name)), "image_size": size, **counts}
         scores[name] = s.tolist()
         fig_maps[name] = (maps[fig_idx], float(maps.max()))
     calib = None
@@ -447,7 +495,7 @@ def evaluate_category(data, out, args):
         old = {}
     keep = {k: v for k, v in old.get("variants", {}).items() if v.get("method") != args.method}
     res = {"schema": 1, "data": str(data), "category": Path(data).name, "device": str(device),
-           "image_size": size, "depth": depth, "n_images": len(labels), "n_anomalous": n_anom,
+           "image_size": size, "resize": split.resize, "depth": depth, **counts,
            "params": {**old.get("params", {}), **params}, "peak_mem_source": peak_mem_source(device),
            "variants": {**keep, **variants},
            "calibrated_threshold": calib if args.method == "rcae" else old.get("calibrated_threshold")}
@@ -478,6 +526,9 @@ def print_table(res):
         print(" | ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)))
         if j == 0:
             print("-+-".join("-" * x for x in w))
+    if res.get("n_pixel_images", res["n_images"]) < res["n_images"]:
+        print(f"P-AUROC and AUPRO over the {res['n_pixel_images']} of {res['n_images']} images with pixel ground "
+              f"truth ({res['n_pixel_anomalous']} of {res['n_anomalous']} anomalous images have a mask)")
     if res.get("calibrated_threshold"):
         c = res["calibrated_threshold"]
         print(f"calibrated threshold {c['image_threshold']:.4g} (crd): test TPR {pct(c['tpr'])}%, FPR {pct(c['fpr'])}%")
@@ -550,7 +601,7 @@ def roc_figure(path, labels, scores):
 
 
 def category_folders(data):
-    """None when `data` is one category, else its sub-folders that are categories (MVTec or VisA layout)."""
+    """None when `data` is one category, else its sub-folders that are categories (any supported layout)."""
     try:
         common.detect_layout(data)
         return None
@@ -558,8 +609,7 @@ def category_folders(data):
         root = Path(data)
         if not root.is_dir():
             raise
-        cats = [d for d in sorted(root.iterdir())
-                if (d / "train").is_dir() or (d / "test").is_dir() or (d / "Data" / "Images").is_dir()]
+        cats = [d for d in sorted(root.iterdir()) if d.is_dir() and common.is_category(d)]
         if not cats:
             raise
         return cats
@@ -601,6 +651,11 @@ def write_results(folder, done, skipped):
              "| category | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for cat, row in [*table.items(), ("**Mean**", mean)]:
         lines.append(f"| {cat} | " + " | ".join(" / ".join(fmt(x) for x in row[v]) for v in names) + " |")
+    partial = [(c, m) for c, m in done.items() if m.get("n_pixel_images", m["n_images"]) < m["n_images"]]
+    if partial:
+        lines += ["", "P-AUROC and AUPRO over the images with pixel ground truth only:",
+                  *[f"- {c}: {m['n_pixel_images']} of {m['n_images']} images ({m['n_pixel_anomalous']} of "
+                    f"{m['n_anomalous']} anomalous images have a mask)" for c, m in partial]]
     if skipped:
         lines += ["", "Skipped (not evaluated):", *[f"- {c}: {why}" for c, why in skipped]]
     folder.mkdir(parents=True, exist_ok=True)
