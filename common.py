@@ -671,6 +671,33 @@ def trained_on_other(ck, **upstream):
     return [k for k, up in upstream.items() if f"{k}_sha" in ups and fingerprint(up["model"]) != ups[f"{k}_sha"]]
 
 
+CHAIN = {"rcae": ("RcAE", "stage1_rcae.py"), "dpn": ("DPN", "stage2_dpn.py"), "crd": ("CRD", "stage3_crd.py")}
+
+
+def check_chain(cks, paths, data=None):
+    """The one upstream check of the stage chain (stage 3's training, stage3_crd.load_chain): each later
+    checkpoint of cks = {"rcae": ck, "dpn": ck, "crd": ck} (pipeline order, any prefix) was trained for the
+    RcAE's depth and image size and on the very weights of the earlier ones, now loaded from paths[name]."""
+    names = list(cks)
+    size, depth = (cks[names[0]]["model_config"].get(k) for k in ("image_size", "depth"))
+    for i, name in enumerate(names[1:], start=1):
+        cfg, (_, script) = cks[name]["model_config"], CHAIN[name]
+        retrain = f"`python {script} --data {data or 'PATH'} --overwrite`"
+        if cfg.get("depth", depth) != depth or cfg.get("image_size", size) != size:
+            raise UserError(f"{paths[name]} was trained for depth {cfg.get('depth')} at {cfg.get('image_size')}px, "
+                            f"the RcAE {paths[names[0]]} for depth {depth} at {size}px: retrain it with {retrain}")
+        bad = trained_on_other(cks[name], **{k: cks[k] for k in names[:i]})
+        if bad:
+            raise UserError(f"{paths[name]} was trained on the {CHAIN[bad[0]][0]} {cks[name]['upstream'][bad[0]]}, not "
+                            f"on the weights in {paths[bad[0]]} (an upstream stage was retrained): pass the matching "
+                            f"--{bad[0]}, or retrain it with {retrain}")
+
+
+def n_params(model):
+    """Number of parameters of a model (printed by every stage, reported by evaluate and the benchmarks)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def check_upstream_unchanged(ckpt_path, stage, upstream, args):
     """A run resumed (or found finished) on disk must have been trained on the same upstream weights."""
     if args.overwrite or not Path(ckpt_path).is_file():

@@ -191,70 +191,22 @@ def aupro(masks, maps, fpr_limit=0.3):
 # ----------------------------------------------------------------------------- models
 
 
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 def load_stages(out, data, method):
-    """The frozen stages for `out`: {stage: (model, ck)} in pipeline order, only those trained.
-
-    A stage missing from `out` is taken from the path its downstream checkpoint recorded (a CRD trained
-    with --out elsewhere and --rcae/--dpn from here, as for Table 6). A missing first stage is a
-    UserError naming the command that makes it."""
+    """The frozen stages for `out`: {stage: (model, ck)} in pipeline order, only those trained (RcAE:
+    stage3_crd.load_chain, the one chain loader with its checks). A missing first stage is a UserError
+    naming the command that makes it."""
     out = Path(out)
     if method == "fair":
         if not (out / CKPT["fair"]).is_file():
-            raise UserError(_missing("fair", out, data))
+            raise UserError(f"no {CKPT['fair']} in {out}: run `{HOW['fair'].format(data=data or 'PATH')}` first "
+                            f"(or point --out at the folder that holds it)")
         from baselines.fair import load_fair  # only FAIR runs need the baseline's code
         return {"fair": load_fair(str(out / CKPT["fair"]))}
-    found, ups = {}, {}
-    for stage, up in (("stage3_crd", None), ("stage2_dpn", "dpn"), ("stage1_rcae", "rcae")):
-        path = out / CKPT[stage]
-        if not path.is_file() and up in ups and Path(ups[up]).is_file():
-            path = Path(ups[up])
-        if path.is_file():
-            found[stage] = path
-            ups = {**common.load_checkpoint(path, stage).get("upstream", {}), **ups}
-    if "stage1_rcae" not in found:
-        raise UserError(_missing("stage1_rcae", out, data))
-    if "stage3_crd" in found and "stage2_dpn" not in found:
-        common.warn(f"{found.pop('stage3_crd')} is ignored: CRD reads DPN output and {CKPT['stage2_dpn']} is missing")
-    from stage1_rcae import load_rcae
-    st = {"stage1_rcae": load_rcae(str(found["stage1_rcae"]))}
-    if "stage2_dpn" in found:
-        from stage2_dpn import load_dpn
-        st["stage2_dpn"] = load_dpn(str(found["stage2_dpn"]))
-    if "stage3_crd" in found:
-        from stage3_crd import load_crd
-        st["stage3_crd"] = load_crd(str(found["stage3_crd"]))
-    for name, (_, ck) in st.items():
-        if ck["step"] < ck.get("total_steps", 0):
-            common.warn(f"{found[name]} is an unfinished run ({ck['step']} of {ck['total_steps']} steps)")
+    from stage3_crd import load_chain
+    st = load_chain(out, data=data)
     if "stage3_crd" in st and "calibration" not in st["stage3_crd"][1]:  # written when stage 3 ends
-        common.warn(f"{found['stage3_crd']} has no calibration yet: no image threshold")
-    if len(st) > 1:
-        _check_chain(st, data)
+        common.warn(f"the stage3_crd.pt of {out} has no calibration yet: no image threshold")
     return st
-
-
-def _missing(stage, out, data):
-    return (f"no {CKPT[stage]} in {out}: run `{HOW[stage].format(data=data or 'PATH')}` first "
-            f"(or point --out at the folder that holds it)")
-
-
-def _check_chain(st, data):
-    """Each later stage names the sha256 of the weights it was trained on; refuse a retrained upstream."""
-    cks = {name.split("_")[1]: ck for name, (_, ck) in st.items()}  # rcae, dpn, crd
-    size, depth = st["stage1_rcae"][1]["model_config"]["image_size"], st["stage1_rcae"][1]["model_config"]["depth"]
-    for name, (_, ck) in list(st.items())[1:]:
-        cfg = ck["model_config"]
-        if cfg.get("depth", depth) != depth or cfg.get("image_size", size) != size:
-            raise UserError(f"{name} was trained for depth {cfg.get('depth')} at {cfg.get('image_size')}px, "
-                            f"stage 1 for depth {depth} at {size}px: retrain {name}")
-        bad = common.trained_on_other(ck, **cks)
-        if bad:
-            raise UserError(f"{name} was trained on other {bad[0]} weights than the checkpoint now in its folder "
-                            f"(an upstream stage was retrained): run `{HOW[name].format(data=data or 'PATH')} --overwrite`")
 
 
 def gaussian_blur(m, sigma):
@@ -271,14 +223,6 @@ def gaussian_blur(m, sigma):
 def residual_map(x, recon, sigma):
     """|I - recon| averaged over channels, smoothed: (B, C, H, W), (B, C, H, W) -> (B, 1, H, W)."""
     return gaussian_blur((x - recon).abs().mean(1, keepdim=True), sigma)
-
-
-def crd_map(st, x):
-    """M_A of the full detector, Eq. (8): x (B, C, H, W) -> (B, 1, H, W) in [0, 1]."""
-    from stage3_crd import frozen_forward
-    crd, ck = st["stage3_crd"]
-    _, _, inp = frozen_forward(st["stage1_rcae"][0], st["stage2_dpn"][0], x, ck["model_config"]["use_depths"])
-    return crd(inp)  # (B, 1, H, W)
 
 
 def calibration(st):
@@ -311,8 +255,9 @@ def variant_fns(st, sigma, topk_frac):
         dpn = st["stage2_dpn"][0]
         fns["rcae+dpn"] = lambda x: scored(residual_map(x, dpn.refine(rcae(x)[:, None], x)[:, 0], sigma))  # I_D^N
     if "stage3_crd" in st:  # always stage 3's own k, the one its threshold was calibrated with
-        frac = calibration(st)["topk_frac"]
-        fns["crd"] = lambda x: scored(crd_map(st, x), frac)
+        from stage3_crd import detector_of
+        det = detector_of(st)
+        fns["crd"] = lambda x: scored(det(x)["map"], det.topk_frac)  # Eq. (8): M_A
     return fns
 
 
@@ -468,7 +413,7 @@ def evaluate_category(data, out, args):
         common.warn(f"{n_anom - n_pix_anom} of {n_anom} anomalous test images of {data} have no mask: P-AUROC and "
                     f"AUPRO are over the {len(pix)} images with pixel ground truth, I-AUROC over all {len(labels)}")
     topk = topk_frac_of(st, args.topk_frac)
-    params = {name: n_params(model) for name, (model, _) in st.items()}
+    params = {name: common.n_params(model) for name, (model, _) in st.items()}
     variants, scores, fig_idx, fig_maps, note = {}, {}, figure_indices(labels, args.n_figures), {}, []
     for name, fn in variant_fns(st, args.sigma, topk).items():
         maps, s, seconds, mem = run_variant(fn, split.images, device, args.batch_size, name)
