@@ -272,6 +272,11 @@ def read_image(path, size, resize="squash"):
     return np.asarray(_fit(_open_rgb(path), size, resize, Image.BILINEAR), dtype=np.uint8)
 
 
+def fit_image(img, size, resize="squash"):
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 by `resize`, exactly as read_image does it."""
+    return np.asarray(_fit(Image.fromarray(img), size, resize, Image.BILINEAR), dtype=np.uint8)
+
+
 def read_image_full(path):
     """Image file -> (H, W, 3) uint8 RGB at its own size."""
     return np.asarray(_open_rgb(path), dtype=np.uint8)

@@ -23,11 +23,14 @@ GPU:          python evaluate.py --data mvtec/bottle                 # every RcA
               python evaluate.py --data mvtec/bottle --method fair   # adds FAIR to the same metrics.json
               python evaluate.py --data mvtec                        # every category: results.md/.csv
 CPU smoke:    python evaluate.py --data data/toy --device cpu --n_figures 2
-Predict:      python evaluate.py --predict shots/ part.png --data mvtec/bottle
+Predict:      python evaluate.py --predict shots/ part.png --data mvtec/bottle [--variant rcae]
 Reads:  <out>/stage1_rcae.pt, stage2_dpn.pt, stage3_crd.pt (or fair.pt) and the test split of --data.
 Writes: <out>/metrics.json, <out>/scores.json (image scores, for the ROC curves), <out>/figures/*.png;
         for a folder of categories results.md and results.csv in runs/<root> (or --out);
-        for --predict <out>/predictions/*.png and <out>/predictions/predictions.csv.
+        for --predict a new folder <out>/predictions/<YYYYmmdd-HHMMSS>_<variant>/ with one overlay per image
+        (its own size, colour bar, score and threshold in the title) and predictions.csv (path, width,
+        height, variant, score, threshold, decision, overlay). Each variant's threshold is the same quantile
+        of the holdout normal scores: stage 3 stores crd's; rcae and rcae+dpn's are computed at predict time.
 
 metrics.json, schema 1 (a metric is null when not defined: one class missing from the test split, or no
 anomalous image with a mask for the pixel metrics):
@@ -48,6 +51,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -87,7 +91,10 @@ def get_args(argv=None):
     g.add_argument("--batch_size", type=int, default=8, help="test images per forward pass")
     g.add_argument("--n_figures", type=int, default=4, help="figure panels of this many normal and anomalous images")
     g.add_argument("--predict", nargs="+", default=None, metavar="IMG",
-                   help="score these image files/folders with the full detector instead of evaluating")
+                   help="score these image files/folders (any size) instead of evaluating: overlays and a csv "
+                        "in a new folder <out>/predictions/<time>_<variant>")
+    g.add_argument("--variant", choices=RCAE_VARIANTS, default="crd",
+                   help="--predict: the map and image threshold to use; crd = the full detector (stages 1-3)")
     args = p.parse_args(argv)
     if args.data is None and (args.predict is None or args.out is None):
         raise UserError("pass --data (a category or a folder of categories), or --predict IMG with --out")
@@ -618,58 +625,130 @@ def write_results(folder, done, skipped):
 
 
 def image_files(paths):
-    """--predict arguments (files, or folders: their images, not recursive) -> image paths."""
+    """--predict arguments (files, or folders: their images, not recursive) -> image paths. A missing path, a
+    folder without images or a file that is not an image is a UserError."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in common.IMAGE_EXTS)
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in common.IMAGE_EXTS)
+            if not found:
+                raise UserError(f"--predict {p}: no images in this folder ({', '.join(sorted(common.IMAGE_EXTS))})")
+            files += found
         elif p.is_file():
+            if p.suffix.lower() not in common.IMAGE_EXTS:
+                raise UserError(f"--predict {p}: not an image file ({', '.join(sorted(common.IMAGE_EXTS))})")
             files.append(p)
         else:
             raise UserError(f"--predict {p}: no such file or folder")
-    if not files:
-        raise UserError(f"--predict {' '.join(paths)}: no images found ({', '.join(sorted(common.IMAGE_EXTS))})")
     return files
+
+
+def holdout_threshold(st, fn, variant, args, device):
+    """The image threshold of `variant` and its colour scale, calibrated as stage 3 calibrates crd's: the same
+    quantile (stage 3's --threshold_quantile, 0.99 without stage 3) of the scores of the holdout normal images
+    (train/good kept out of all training, common.train_images(..., "holdout")). -> (threshold, map vmax)."""
+    cal = calibration(st)
+    if variant == "crd":
+        if cal.get("image_threshold") is None:
+            raise UserError("the stage3_crd.pt has no calibrated image threshold (stage 3 unfinished, or trained "
+                            "with --holdout 0): finish `python stage3_crd.py --data PATH`")
+        return float(cal["image_threshold"]), 1.0  # M_A is in [0, 1]
+    ck = st["stage1_rcae"][1]
+    data = args.data or ck["args"]["data"]
+    hold = SimpleNamespace(data=data, image_size=image_size_of(st), workers=args.workers, holdout=ck["args"]["holdout"],
+                           resize=resize_of(st))
+    if not Path(data).is_dir():
+        raise UserError(f"--variant {variant} calibrates its threshold on the holdout of train/good of {data}, which "
+                        f"is not there: pass --data with the category the stages were trained on")
+    images = common.train_images(hold, part="holdout")  # (K, 3, H, W) uint8
+    if not len(images):
+        raise UserError(f"--variant {variant} needs holdout images to calibrate its threshold, but stage 1 was "
+                        f"trained with --holdout {hold.holdout}")
+    maps, scores, _, _ = run_variant(fn, images, device, args.batch_size, f"holdout {variant}")
+    q = cal.get("quantile") or 0.99
+    return float(torch.quantile(torch.from_numpy(scores).double(), q)), float(maps.max())
+
+
+def overlay(path, img, m, title, vmax):
+    """The image at its own resolution under its anomaly map (jet, half transparent), a colour bar, a title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    h, w = img.shape[:2]
+    dpi = 100
+    fig = plt.figure(figsize=(max(w, 320) / dpi + 1.4, max(h, 240) / dpi + 0.7), dpi=dpi)
+    ax = fig.add_axes([0.02, 0.02, 0.8, 0.86])
+    ax.imshow(img)
+    heat = ax.imshow(m, cmap="jet", alpha=0.5, vmin=0, vmax=vmax)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.colorbar(heat, cax=fig.add_axes([0.85, 0.1, 0.03, 0.7]), label="anomaly map")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
+    plt.close(fig)
+
+
+def new_folder(parent, name):
+    """A folder that did not exist: <parent>/<name>, else <name>-2, -3, ... (two calls in one second)."""
+    for i in range(1, 1000):
+        folder = parent / (name if i == 1 else f"{name}-{i}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise UserError(f"cannot make a new folder {parent / name} (999 exist)")
 
 
 @torch.inference_mode()
 def predict(args):
-    """Score images with the full detector and its stage-3 threshold; overlays and predictions.csv."""
+    """Score images with one variant and its holdout-calibrated threshold: one overlay per image, at the
+    image's own size, and predictions.csv, in a new folder per call. Every input is read before anything
+    is written, so bad input leaves nothing behind."""
     out = Path(args.out or common.default_out(args.data))
-    if not (out / CKPT["stage3_crd"]).is_file():
-        raise UserError(f"--predict needs the full detector and its calibrated threshold, but {out} has no "
-                        f"{CKPT['stage3_crd']}: run `{HOW['stage3_crd'].format(data=args.data or 'PATH')}` first")
+    files = image_files(args.predict)
     st = load_stages(out, args.data, "rcae")
     device = common.get_device(args.device)
     for model, _ in st.values():
         model.to(device)
-    cal, size = calibration(st), image_size_of(st)
-    if cal["image_threshold"] is None:
-        raise UserError(f"{out / CKPT['stage3_crd']} has no calibrated image threshold (stage 3 unfinished, or "
-                        f"trained with --holdout 0): finish `{HOW['stage3_crd'].format(data=args.data or 'PATH')}`")
-    fn = variant_fns(st, args.sigma, topk_frac_of(st, args.topk_frac))["crd"]
-    import matplotlib
-    cmap = matplotlib.colormaps["jet"]
-    folder = out / "predictions"
-    folder.mkdir(parents=True, exist_ok=True)
-    rows, used = [], set()
-    for f in tqdm(image_files(args.predict), desc="predict", unit="img", disable=None):
+    fns = variant_fns(st, args.sigma, topk_frac_of(st, args.topk_frac))
+    if args.variant not in fns:
+        need = variant_stages(args.variant)[-1]
+        raise UserError(f"--variant {args.variant} needs {CKPT[need]}, which {out} does not have: run "
+                        f"`{HOW[need].format(data=args.data or 'PATH')}` first, or pick --variant "
+                        f"{' or '.join(fns)}")
+    size, resize = image_size_of(st), resize_of(st)
+    images = []
+    for f in files:
         try:
-            img = common.read_image(f, size)  # (H, W, 3) uint8, any PIL mode
+            images.append(common.read_image_full(f))  # (h, w, 3) uint8, any PIL mode
         except (OSError, SyntaxError, ValueError) as e:
-            common.warn(f"skipping unreadable {f}: {e}")
-            continue
-        m, s = fn(common.to_float(torch.tensor(img).permute(2, 0, 1)[None]).to(device))  # (1, 1, H, W), (1,)
-        score, thr = float(s[0]), float(cal["image_threshold"])
-        heat = cmap(m[0, 0].float().clamp(0, 1).cpu().numpy())[..., :3] * 255  # (H, W, 3)
+            raise UserError(f"--predict {f}: not a readable image ({e})") from None
+    wide = [f.name for f, im in zip(files, images) if im.shape[0] != im.shape[1]]
+    if resize == "squash" and wide:
+        common.warn(f"{len(wide)} of {len(files)} images are not square (e.g. {wide[0]}) and these stages squash "
+                    f"them to {size}x{size} (trained with --resize squash); maps are taken back to each image's size")
+    fn = fns[args.variant]
+    thr, vmax = holdout_threshold(st, fn, args.variant, args, device)
+    folder = new_folder(out / "predictions", f"{time.strftime('%Y%m%d-%H%M%S')}_{args.variant}")
+    rows, used = [], set()
+    for f, img in tqdm(list(zip(files, images)), desc="predict", unit="img", disable=None):
+        h, w = img.shape[:2]
+        x = torch.from_numpy(common.fit_image(img, size, resize).copy())  # (S, S, 3) uint8, as the stages saw images
+        m, s = fn(common.to_float(x.permute(2, 0, 1)[None]).to(device))  # (1, 1, S, S), (1,)
+        m = common.map_to_image(m.float().cpu(), (h, w), size, resize, (h, w))[0, 0].numpy()  # (h, w)
+        score = float(s[0])
+        decision = "anomalous" if score > thr else "normal"
         name = f.stem if f.stem not in used else f"{f.stem}_{len(used)}"
         used.add(name)
-        Image.fromarray((0.5 * img + 0.5 * heat).astype(np.uint8)).save(folder / f"{name}.png")
-        rows.append([str(f), repr(score), repr(thr), "anomalous" if score > thr else "normal"])  # exact floats
+        overlay(folder / f"{name}.png", img, m, f"{f.name}: {args.variant} score {score:.4g} "
+                f"{'>' if score > thr else '<='} threshold {thr:.4g}: {decision}", vmax)
+        rows.append([str(f), w, h, args.variant, repr(score), repr(thr), decision, str(folder / f"{name}.png")])
     with open(folder / "predictions.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows([["path", "score", "threshold", "decision"], *rows])
-    print(f"predict: {sum(r[3] == 'anomalous' for r in rows)} of {len(rows)} images anomalous "
-          f"(threshold {cal['image_threshold']:.4g}); wrote {folder}")
+        csv.writer(fh).writerows([["path", "width", "height", "variant", "score", "threshold", "decision",
+                                   "overlay"], *rows])  # exact floats
+    print(f"predict: {sum(r[6] == 'anomalous' for r in rows)} of {len(rows)} images anomalous with {args.variant} "
+          f"(threshold {thr:.4g}, the {calibration(st).get('quantile') or 0.99} quantile of the holdout scores); "
+          f"wrote {folder}")
     return rows
 
 

@@ -133,6 +133,7 @@ def test_gaussian_blur_matches_scipy():
 
 # ----------------------------------------------------------------------------- harness
 
+import csv  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 
@@ -239,20 +240,49 @@ def test_full_chain_three_variants_and_predict(toy_data, trained, tmp_path):
     check_variant(m2["variants"]["fair"], 12, 6)
     assert m2["params"]["fair"] == m2["variants"]["fair"]["params"] and m2["depth"] == 3
     assert list(json.loads((out / "scores.json").read_text())["scores"]) == list(m2["variants"])
-    # predict: a folder and a file, in another image mode; decisions follow the calibrated threshold
+    # predict: a folder and a file, in another image mode and size; decisions follow each variant's threshold
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     from PIL import Image
-    Image.open(next(Path(toy_data, "test", "defect").glob("*.png"))).convert("L").save(imgs / "gray.jpg")
-    rows = evaluate.main(["--predict", str(imgs), str(next(Path(toy_data, "test", "good").glob("*.png"))),
-                          "--out", str(out), "--device", "cpu"])
-    assert len(rows) == 2 and (out / "predictions" / "gray.png").is_file()
-    with open(out / "predictions" / "predictions.csv") as f:
-        import csv
-        table = list(csv.DictReader(f))
-    assert len(table) == 2
-    for r in table:
-        assert r["decision"] == ("anomalous" if float(r["score"]) > float(r["threshold"]) else "normal")
+    Image.open(next(Path(toy_data, "test", "defect").glob("*.png"))).convert("L").resize((90, 60)).save(imgs / "gray.jpg")
+    good = str(next(Path(toy_data, "test", "good").glob("*.png")))
+    folders = []
+    for variant in ("crd", "rcae", "rcae+dpn"):
+        rows = evaluate.main(["--predict", str(imgs), good, "--out", str(out), "--device", "cpu", "--variant", variant])
+        folders.append(Path(rows[0][-1]).parent)
+        assert len(rows) == 2 and folders[-1].parent == out / "predictions" and variant in folders[-1].name
+        with open(folders[-1] / "predictions.csv") as f:
+            table = list(csv.DictReader(f))
+        assert [Path(r["overlay"]).name for r in table] == ["gray.png", Path(good).name]
+        assert (table[0]["width"], table[0]["height"]) == ("90", "60")
+        assert {r["variant"] for r in table} == {variant} and len({r["threshold"] for r in table}) == 1
+        for r in table:
+            assert r["decision"] == ("anomalous" if float(r["score"]) > float(r["threshold"]) else "normal")
+            assert Path(r["overlay"]).is_file()
+        if variant == "crd":
+            assert float(table[0]["threshold"]) == cal["image_threshold"]
+        with Image.open(table[0]["overlay"]) as im:  # the 90x60 image at least at its own size, plus a colour bar
+            assert im.width > 90 and im.height > 60
+    assert len(set(folders)) == 3  # one folder per call: nothing overwritten or mixed
+    # bad input: one error each, no new folder
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    for bad, msg in ((tmp_path / "nope.png", "no such file"), (tmp_path / "empty", "no images"),
+                     (tmp_path / "notes.txt", "not an image file"), (tmp_path / "broken.png", "not a readable image")):
+        with pytest.raises(common.UserError, match=msg):
+            evaluate.main(["--predict", str(bad), "--out", str(out), "--device", "cpu"])
+    assert len(list((out / "predictions").iterdir())) == 3
+
+
+def test_predict_error_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(Path(evaluate.__file__)), "--predict", str(tmp_path / "nope.png"),
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: --predict {tmp_path / 'nope.png'}: "
+                                                                   f"no such file or folder"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_masks_resized_nearest_to_the_maps_with_one_note(capsys):
