@@ -3,7 +3,8 @@
 Only what every stage shares lives here (STYLE.md rule 8); each stage file defines its own network
 and loss and nothing else.
 
-    data      MVTec AD and VisA loaders, decoded once into an in-memory uint8 cache, holdout split
+    data      loaders of every supported layout (detect_layout), --resize, decoded once into an in-memory
+              uint8 cache, holdout split
     augment   pseudo anomalies: colour blocks, copy-paste, crack lines (paper, "Training Strategy")
     grad      the one first-order gradient operator I' of Eq. (5), (6), (7) and (9)
     runtime   shared flags, seeding, device, atomic self-describing checkpoints, upstream hand-off
