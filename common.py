@@ -3,7 +3,8 @@
 Only what every stage shares lives here (STYLE.md rule 8); each stage file defines its own network
 and loss and nothing else.
 
-    data      MVTec AD and VisA loaders, decoded once into an in-memory uint8 cache, holdout split
+    data      loaders of every supported layout (detect_layout), --resize, decoded once into an in-memory
+              uint8 cache, holdout split
     augment   pseudo anomalies: colour blocks, copy-paste, crack lines (paper, "Training Strategy")
     grad      the one first-order gradient operator I' of Eq. (5), (6), (7) and (9)
     runtime   shared flags, seeding, device, atomic self-describing checkpoints, upstream hand-off
@@ -65,67 +66,123 @@ def warn(msg):
 @dataclass
 class Sample:
     path: str
-    mask: str | None  # ground-truth mask file, None for normal images
+    mask: str | None  # ground-truth mask file; None for normal images and for anomalous ones without a mask
     label: int  # 0 normal, 1 anomalous
     defect: str  # "good" or the defect type
 
 
+# Folder layouts list_samples reads, detected by detect_layout (README, "Supported layouts"). For the tree
+# layouts: (train folder of normal images, test folder with one sub-folder per kind, masks folder, the
+# name of the normal kind). Masks are <masks>/<defect>/<stem>_mask.* or <stem>.* (any image suffix).
+TREES = {"mvtec": ("train/good", "test", "ground_truth", "good"),  # MVTec AD, MPDD
+         "mvtec_ad2": ("train/good", "test_public", "test_public/ground_truth", "good"),
+         "btad": ("train/ok", "test", "ground_truth", "ok")}
+LAYOUTS = ("MVTec AD / MPDD (train/good, test/<defect>, ground_truth/<defect>); "
+           "MVTec AD 2 (train/good, test_public/{good,bad}, test_public/ground_truth/bad); "
+           "BTAD (train/ok, test/{ok,ko}, ground_truth/ko); VisA (Data/Images next to ../split_csv/1cls.csv); "
+           "a plain folder (good/, one folder per defect, optional masks/<defect>/)")
+FOLDER_TEST_FRAC = 0.2  # plain folder: the part of good/ kept for the test split (anomalib's normal_split_ratio)
+
+
 def detect_layout(root):
-    """'mvtec' for <root>/train/good, 'visa' for <root>/Data/Images next to <root>/../split_csv/1cls.csv."""
+    """The layout of a category folder: a key of TREES, 'visa' or 'folder'; a UserError naming them all."""
     root = Path(root)
     if not root.exists():
         raise UserError(f"--data {root}: no such folder")
     if not root.is_dir():
         raise UserError(f"--data {root}: not a folder (point it at one category, e.g. mvtec/bottle)")
+    if (root / "test_public").is_dir():
+        return "mvtec_ad2"
+    if any((root / d).is_dir() for d in ("train/ok", "test/ok", "test/ko")):
+        return "btad"
     if (root / "train").is_dir() or (root / "test").is_dir():
         return "mvtec"
     if (root / "Data" / "Images").is_dir():
         if not (root.parent / "split_csv" / "1cls.csv").is_file():
             raise UserError(f"--data {root} looks like VisA but {root.parent}/split_csv/1cls.csv is missing")
         return "visa"
-    raise UserError(f"--data {root} is neither an MVTec AD category (train/good, test/<defect>, "
-                    f"ground_truth/<defect>) nor a VisA object (Data/Images next to ../split_csv/1cls.csv)")
+    if (root / "good").is_dir():
+        return "folder"
+    raise UserError(f"--data {root} is not a category in a layout this code reads: {LAYOUTS}")
+
+
+def is_category(folder):
+    """True when `folder` is a category in one of the supported layouts (evaluate: a folder of categories)."""
+    try:
+        detect_layout(folder)
+        return True
+    except UserError:
+        return False
 
 
 def _images_in(folder):
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()) if folder.is_dir() else []
 
 
 def list_samples(data, split):
     """The samples of one split ('train' or 'test') of a category, in a fixed (sorted) order."""
     root = Path(data)
     layout = detect_layout(root)
-    samples = _list_visa(root, split) if layout == "visa" else _list_mvtec(root, split)
+    if layout == "visa":
+        samples = _list_visa(root, split)
+    elif layout == "folder":
+        samples = _list_folder(root, split)
+    else:
+        samples = _list_tree(root, split, *TREES[layout])
     if not samples:
-        where = root / "train" / "good" if layout == "mvtec" and split == "train" else root
+        where = root / TREES[layout][0] if layout in TREES and split == "train" else root
         raise UserError(f"no {split} images found in {where}")
     return samples
 
 
-def _list_mvtec(root, split):
+def _masks_in(folder):
+    """{image stem: mask file} of a masks folder: <stem>_mask.* or <stem>.*."""
+    return {m.stem.removesuffix("_mask"): m for m in _images_in(folder)}
+
+
+def _with_masks(images, gt, defect):
+    """Samples of one anomalous kind, each with its mask in `gt` when there is one; a mask whose image is
+    missing means a broken copy of the dataset and is refused, naming the file."""
+    masks = _masks_in(gt)
+    stems = {p.stem for p in images}
+    for stem, m in sorted(masks.items()):
+        if stem not in stems:
+            raise UserError(f"mask {m} has no image (expected {defect}/{stem}.* next to the other test images)")
+    return [Sample(str(p), str(masks[p.stem]) if p.stem in masks else None, 1, defect) for p in images]
+
+
+def _list_tree(root, split, train_dir, test_dir, gt_dir, good):
     if split == "train":
-        good = root / "train" / "good"
-        if not good.is_dir():
-            raise UserError(f"{root} has no train/good folder of normal training images")
-        return [Sample(str(p), None, 0, "good") for p in _images_in(good)]
-    test, gt = root / "test", root / "ground_truth"
+        if not (root / train_dir).is_dir():
+            raise UserError(f"{root} has no {train_dir} folder of normal training images")
+        return [Sample(str(p), None, 0, "good") for p in _images_in(root / train_dir)]
+    test, gt = root / test_dir, root / gt_dir
     if not test.is_dir():
-        raise UserError(f"{root} has no test folder")
+        raise UserError(f"{root} has no {test_dir} folder")
     samples = []
-    for defect in sorted(d.name for d in test.iterdir() if d.is_dir()):
-        for p in _images_in(test / defect):
-            if defect == "good":
-                samples.append(Sample(str(p), None, 0, defect))
-                continue
-            mask = gt / defect / f"{p.stem}_mask.png"
-            if not mask.is_file():
-                raise UserError(f"anomalous test image {p} has no mask (expected {mask})")
-            samples.append(Sample(str(p), str(mask), 1, defect))
-    # a mask without its image means a broken copy of the dataset: say which file
-    images = {(s.defect, Path(s.path).stem) for s in samples}
-    for m in sorted(gt.glob("*/*")) if gt.is_dir() else []:
-        if m.suffix.lower() in IMAGE_EXTS and (m.parent.name, m.stem.removesuffix("_mask")) not in images:
-            raise UserError(f"mask {m} has no image (expected test/{m.parent.name}/{m.stem.removesuffix('_mask')}.*)")
+    for defect in sorted(d.name for d in test.iterdir() if d.is_dir() and d != gt):
+        images = _images_in(test / defect)
+        if defect == good:
+            samples += [Sample(str(p), None, 0, "good") for p in images]
+        else:
+            samples += _with_masks(images, gt / defect, defect)
+    for d in sorted(gt.iterdir()) if gt.is_dir() else []:
+        if d.is_dir() and not (test / d.name).is_dir() and _images_in(d):
+            raise UserError(f"mask {_images_in(d)[0]} has no image (no folder {test / d.name})")
+    return samples
+
+
+def _list_folder(root, split):
+    """good/ (normal), every other folder but masks/ anomalous, masks/<defect>/ optional. The normal images
+    are split like anomalib's Folder: an evenly spread FOLDER_TEST_FRAC of good/ is test, the rest train."""
+    good = _images_in(root / "good")
+    train, test = holdout_indices(len(good), FOLDER_TEST_FRAC)
+    if split == "train":
+        return [Sample(str(good[i]), None, 0, "good") for i in train]
+    samples = [Sample(str(good[i]), None, 0, "good") for i in test]
+    for d in sorted(d for d in root.iterdir() if d.is_dir() and d.name not in ("good", "masks")):
+        samples += _with_masks(_images_in(d), root / "masks" / d.name, d.name)
     return samples
 
 
@@ -140,9 +197,8 @@ def _list_visa(root, split):
             raise UserError(f"{csv_path} lists {r['image']} but {path} does not exist")
         label = int(r["label"] in ("anomaly", "1", "bad"))
         mask = root.parent / r["mask"] if r.get("mask") else None
-        if label and (mask is None or not mask.is_file()):
-            raise UserError(f"anomalous test image {path} has no mask (expected {mask})")
-        samples.append(Sample(str(path), str(mask) if label else None, label, "anomaly" if label else "good"))
+        has = label and mask is not None and mask.is_file()  # an anomalous image without a mask: image-level only
+        samples.append(Sample(str(path), str(mask) if has else None, label, "anomaly" if label else "good"))
     listed = {str(Path(s.mask).resolve()) for s in samples if s.mask}
     masks = root / "Data" / "Masks" / "Anomaly"
     if split == "test" and masks.is_dir():
@@ -152,63 +208,146 @@ def _list_visa(root, split):
     return samples
 
 
-def read_image(path, size):
-    """Any PIL mode (L, RGB, RGBA, P, 16-bit, ...) -> (size, size, 3) uint8 RGB, bilinear resize."""
+# How an image of any aspect ratio becomes the square model input (--resize):
+#   squash  resize to size x size, changing the aspect ratio of a non-square image (the paper's way)
+#   pad     resize the long side to size, pad the short one with black (letterbox): nothing lost
+#   crop    resize the short side to size, crop the centre: the borders of the long side are not seen
+RESIZE = ("squash", "pad", "crop")
+
+
+def placement(h, w, size, resize):
+    """Where an (h, w) image lands in the size x size model input: it is resized to (rh, rw) and its
+    top-left corner put at (top, left), negative for crop."""
+    if resize == "squash":
+        return size, size, 0, 0
+    s = size / (max(h, w) if resize == "pad" else min(h, w))
+    rh, rw = max(1, round(h * s)), max(1, round(w * s))
+    return rh, rw, (size - rh) // 2, (size - rw) // 2
+
+
+def _fit(im, size, resize, resample):
+    """PIL image -> size x size PIL image by `resize` (see RESIZE)."""
+    rh, rw, top, left = placement(im.height, im.width, size, resize)
+    im = im.resize((rw, rh), resample)
+    if (rh, rw) == (size, size):
+        return im
+    canvas = Image.new(im.mode, (size, size))  # black / False outside the image
+    canvas.paste(im, (left, top))  # a negative offset crops
+    return canvas
+
+
+def metric_frame(h, w, size):
+    """The grid an (h, w) image's map is evaluated on: its own aspect ratio, the long side `size` px."""
+    s = size / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def map_to_image(m, hw, size, resize, out_hw):
+    """A map of the model input back onto the image: (B, 1, size, size) -> (B, 1, *out_hw), the inverse of
+    `resize` for an original of hw = (h, w). Pixels that crop never showed the model get 0."""
+    rh, rw, top, left = placement(*hw, size, resize)
+    canvas = m.new_zeros(*m.shape[:2], rh, rw)  # (B, 1, rh, rw): the resized image
+    y0, x0 = max(0, top), max(0, left)
+    y1, x1 = min(size, top + rh), min(size, left + rw)
+    canvas[..., y0 - top:y1 - top, x0 - left:x1 - left] = m[..., y0:y1, x0:x1]
+    if (rh, rw) == tuple(out_hw):
+        return canvas
+    return F.interpolate(canvas, size=tuple(out_hw), mode="bilinear", align_corners=False)
+
+
+def _open_rgb(path):
+    """Any PIL mode (L, RGB, RGBA, P, 16-bit, ...) -> an RGB PIL image; raises on truncated files."""
     with Image.open(path) as im:
-        im.load()  # raises on truncated files
+        im.load()
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
             a = np.asarray(im, dtype=np.float64)
             top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else (255.0 if a.max() > 1 else 1.0)
             im = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
         elif im.mode == "P":
             im = im.convert("RGBA")
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+        return im.convert("RGB")
 
 
-def read_mask(path, size):
-    """Mask file -> (size, size) bool, nearest resize, binarised at > 0."""
+def read_image(path, size, resize="squash"):
+    """Image file -> (size, size, 3) uint8 RGB, bilinear, by `resize` (see RESIZE)."""
+    return np.asarray(_fit(_open_rgb(path), size, resize, Image.BILINEAR), dtype=np.uint8)
+
+
+def fit_image(img, size, resize="squash"):
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 by `resize`, exactly as read_image does it."""
+    return np.asarray(_fit(Image.fromarray(img), size, resize, Image.BILINEAR), dtype=np.uint8)
+
+
+def read_image_full(path):
+    """Image file -> (H, W, 3) uint8 RGB at its own size."""
+    return np.asarray(_open_rgb(path), dtype=np.uint8)
+
+
+def read_mask(path, size, resize="squash"):
+    """Mask file -> bool binarised at > 0, nearest: (size, size) by `resize`, or (h, w) for size=(h, w)."""
     with Image.open(path) as im:
         im.load()
         a = np.asarray(im.convert("L") if im.mode not in ("I", "I;16", "F", "L") else im)
-        m = Image.fromarray((a > 0).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+        m = Image.fromarray((a > 0).astype(np.uint8) * 255)
+        m = m.resize(size[::-1], Image.NEAREST) if isinstance(size, tuple) else _fit(m, size, resize, Image.NEAREST)
         return np.asarray(m) > 0
+
+
+def image_hw(path):
+    """(height, width) of an image file, from its header."""
+    with Image.open(path) as im:
+        return im.height, im.width
 
 
 @dataclass
 class Split:
-    images: torch.Tensor  # (M, 3, H, W) uint8
-    masks: torch.Tensor  # (M, 1, H, W) bool, all False for normal images
+    images: torch.Tensor  # (M, 3, H, W) uint8, the model input (--resize)
+    masks: torch.Tensor  # (M, 1, H, W) bool, the same geometry; all False for normal images and missing masks
     labels: torch.Tensor  # (M,) int64
     samples: list  # the Sample of each row
+    sizes: list  # (height, width) of each original image
+    resize: str = "squash"
 
     def __len__(self):
         return len(self.samples)
 
+    @property
+    def has_mask(self):
+        """(M,) bool: the pixel ground truth is known (normal images, anomalous ones with a mask file)."""
+        return torch.tensor([s.label == 0 or s.mask is not None for s in self.samples], dtype=torch.bool)
 
-def _decode(sample, size):
+
+def _decode(sample, size, resize):
     try:
-        img = read_image(sample.path, size)
-        mask = read_mask(sample.mask, size) if sample.mask else np.zeros((size, size), bool)
+        img = read_image(sample.path, size, resize)
+        mask = read_mask(sample.mask, size, resize) if sample.mask else np.zeros((size, size), bool)
+        hw = image_hw(sample.path)
     except (OSError, SyntaxError, ValueError) as e:
         warn(f"skipping unreadable file for {sample.path}: {e}")
         return None
-    return img, mask
+    return img, mask, hw
 
 
 @lru_cache(maxsize=8)
-def load_split(data, split, image_size, workers=4):
+def load_split(data, split, image_size, workers=4, resize="squash"):
     """Decode a split once (threads) into memory; later calls in the same process hit the cache."""
+    if resize not in RESIZE:
+        raise UserError(f"--resize {resize}: choose one of {', '.join(RESIZE)}")
     samples = list_samples(data, split)
     with ThreadPoolExecutor(4 if not workers else workers) as pool:
-        decoded = list(pool.map(lambda s: _decode(s, image_size), samples))
+        decoded = list(pool.map(lambda s: _decode(s, image_size, resize), samples))
     keep = [i for i, d in enumerate(decoded) if d is not None]
     if not keep:
         raise UserError(f"none of the {len(samples)} {split} images in {data} could be read")
     images = torch.from_numpy(np.stack([decoded[i][0] for i in keep])).permute(0, 3, 1, 2).contiguous()
     masks = torch.from_numpy(np.stack([decoded[i][1] for i in keep]))[:, None]
     labels = torch.tensor([samples[i].label for i in keep])
-    return Split(images, masks, labels, [samples[i] for i in keep])
+    sizes = [decoded[i][2] for i in keep]
+    n_wide = sum(h != w for h, w in sizes)
+    if resize == "squash" and n_wide:  # once per split and process: load_split is cached
+        warn(f"{n_wide} of {len(sizes)} {split} images in {data} are not square and --resize squash changes "
+             f"their aspect ratio (e.g. {sizes[[h != w for h, w in sizes].index(True)]}); --resize pad or crop keeps it")
+    return Split(images, masks, labels, [samples[i] for i in keep], sizes, resize)
 
 
 def holdout_indices(n, frac):
@@ -225,7 +364,7 @@ def holdout_indices(n, frac):
 def train_images(args, part="train"):
     """uint8 (M, 3, H, W) images of train/good: part 'train' (what every stage trains on) or 'holdout'
     (kept out of all training, for threshold calibration)."""
-    split = load_split(args.data, "train", args.image_size, args.workers)
+    split = load_split(args.data, "train", args.image_size, args.workers, getattr(args, "resize", None) or "squash")
     train, hold = holdout_indices(len(split), args.holdout)
     return split.images[train if part == "train" else hold]
 
@@ -369,7 +508,8 @@ def conv_cat(conv, *parts):
 # ----------------------------------------------------------------------------- runtime
 
 
-INHERITED = ("image_size", "depth", "holdout")  # settings a downstream stage takes from stage 1
+INHERITED = ("image_size", "depth", "holdout", "resize")  # settings a downstream stage takes from stage 1
+BEFORE_FLAG = {"resize": "squash"}  # what a checkpoint written before a flag existed did
 
 
 def add_shared_args(p, recursion=True, upstream=False, **defaults):
@@ -378,13 +518,16 @@ def add_shared_args(p, recursion=True, upstream=False, **defaults):
     `defaults` overrides per stage. upstream=True (stages 2 and 3) makes the INHERITED flags default to
     None, "inherit from the upstream checkpoint"; an explicit value must agree with it (see inherit).
     recursion=False leaves out --depth (the FAIR baseline has no recursion)."""
-    d = dict(image_size=1024, epochs=100, batch_size=8, lr=1e-4, depth=5, holdout=0.1)
+    d = dict(image_size=1024, epochs=100, batch_size=8, lr=1e-4, depth=5, holdout=0.1, resize="squash")
     d.update({k: None for k in INHERITED} if upstream else {})
     d.update(defaults)
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="category folder: MVTec AD (e.g. mvtec/bottle) or VisA (visa/candle)")
+    g.add_argument("--data", required=True, help="category folder in a supported layout (README): MVTec AD (e.g. "
+                                                 "mvtec/bottle), MVTec AD 2, BTAD, MPDD, VisA (visa/candle), plain")
     g.add_argument("--out", default=None, help="output folder (default: runs/<parent>/<category>)")
     g.add_argument("--image_size", type=int, default=d["image_size"], help="square input size (paper: 1024)")
+    g.add_argument("--resize", choices=RESIZE, default=d["resize"],
+                   help="non-square images: squash (paper), pad (letterbox) or crop (centre) to the square input")
     g.add_argument("--holdout", type=float, default=d["holdout"],
                    help="fraction of train/good kept out of training to calibrate the image threshold")
     g.add_argument("--workers", type=int, default=None,
@@ -557,6 +700,33 @@ def trained_on_other(ck, **upstream):
     return [k for k, up in upstream.items() if f"{k}_sha" in ups and fingerprint(up["model"]) != ups[f"{k}_sha"]]
 
 
+CHAIN = {"rcae": ("RcAE", "stage1_rcae.py"), "dpn": ("DPN", "stage2_dpn.py"), "crd": ("CRD", "stage3_crd.py")}
+
+
+def check_chain(cks, paths, data=None):
+    """The one upstream check of the stage chain (stage 3's training, stage3_crd.load_chain): each later
+    checkpoint of cks = {"rcae": ck, "dpn": ck, "crd": ck} (pipeline order, any prefix) was trained for the
+    RcAE's depth and image size and on the very weights of the earlier ones, now loaded from paths[name]."""
+    names = list(cks)
+    size, depth = (cks[names[0]]["model_config"].get(k) for k in ("image_size", "depth"))
+    for i, name in enumerate(names[1:], start=1):
+        cfg, (_, script) = cks[name]["model_config"], CHAIN[name]
+        retrain = f"`python {script} --data {data or 'PATH'} --overwrite`"
+        if cfg.get("depth", depth) != depth or cfg.get("image_size", size) != size:
+            raise UserError(f"{paths[name]} was trained for depth {cfg.get('depth')} at {cfg.get('image_size')}px, "
+                            f"the RcAE {paths[names[0]]} for depth {depth} at {size}px: retrain it with {retrain}")
+        bad = trained_on_other(cks[name], **{k: cks[k] for k in names[:i]})
+        if bad:
+            raise UserError(f"{paths[name]} was trained on the {CHAIN[bad[0]][0]} {cks[name]['upstream'][bad[0]]}, not "
+                            f"on the weights in {paths[bad[0]]} (an upstream stage was retrained): pass the matching "
+                            f"--{bad[0]}, or retrain it with {retrain}")
+
+
+def n_params(model):
+    """Number of parameters of a model (printed by every stage, reported by evaluate and the benchmarks)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def check_upstream_unchanged(ckpt_path, stage, upstream, args):
     """A run resumed (or found finished) on disk must have been trained on the same upstream weights."""
     if args.overwrite or not Path(ckpt_path).is_file():
@@ -584,7 +754,7 @@ def freeze(model):
 def inherit(args, upstream, keys, source):
     """None = inherit the upstream value; an explicit different value is refused (nanochat's rule)."""
     for k in keys:
-        mine, up = getattr(args, k), upstream[k]
+        mine, up = getattr(args, k), upstream.get(k, BEFORE_FLAG.get(k))
         if mine is None:
             setattr(args, k, up)
         elif mine != up:
@@ -785,12 +955,24 @@ def _save_png(t, path):
     Image.fromarray(a.numpy().astype(np.uint8) * (255 if t.dtype == torch.bool else 1)).save(path)
 
 
+# (normal train, normal test, anomalous test, mask of <stem>, image suffix) of each layout make_synthetic_category writes
+SYNTH = {"mvtec": ("train/good", "test/good", "test/defect", "ground_truth/defect/{}_mask.png", ".png"),
+         "mpdd": ("train/good", "test/good", "test/defect", "ground_truth/defect/{}_mask.png", ".png"),
+         "mvtec_ad2": ("train/good", "test_public/good", "test_public/bad", "test_public/ground_truth/bad/{}_mask.png",
+                       ".png"),
+         "btad": ("train/ok", "test/ok", "test/ko", "ground_truth/ko/{}.png", ".bmp"),
+         "folder": ("good", "good", "defect", "masks/defect/{}.png", ".png")}
+
+
 def make_synthetic_category(out, size=128, n_train=40, n_test_good=8, n_test_bad=8, seed=0, layout="mvtec",
                             name="toy"):
     """Write a small synthetic category; returns the path to pass as --data.
 
-    layout 'mvtec': <out>/{train/good, test/good, test/defect, ground_truth/defect}.
-    layout 'visa':  <out>/<name>/Data/{Images/{Normal,Anomaly}, Masks/Anomaly} + <out>/split_csv/1cls.csv."""
+    layout 'mvtec' (or 'mpdd'): <out>/{train/good, test/good, test/defect, ground_truth/defect}; 'mvtec_ad2',
+    'btad' and 'folder' as in SYNTH (a plain folder has one good/: list_samples splits it);
+    'visa': <out>/<name>/Data/{Images/{Normal,Anomaly}, Masks/Anomaly} + <out>/split_csv/1cls.csv."""
+    if layout not in (*SYNTH, "visa"):
+        raise UserError(f"--layout {layout}: choose one of {', '.join((*SYNTH, 'visa'))}")
     out, gen = Path(out), torch.Generator().manual_seed(seed)
     rows = []
     for i in range(n_train + n_test_good + n_test_bad):
@@ -801,11 +983,11 @@ def make_synthetic_category(out, size=128, n_train=40, n_test_good=8, n_test_bad
         if bad:
             img, mask = _synthetic_defect(img, gen)
         stem = f"{i:03d}"
-        if layout == "mvtec":
-            folder = "train/good" if split == "train" else ("test/defect" if bad else "test/good")
-            _save_png(img, out / folder / f"{stem}.png")
+        if layout != "visa":
+            train_dir, good_dir, bad_dir, mask_name, ext = SYNTH[layout]
+            _save_png(img, out / (bad_dir if bad else train_dir if split == "train" else good_dir) / f"{stem}{ext}")
             if bad:
-                _save_png(mask, out / "ground_truth" / "defect" / f"{stem}_mask.png")
+                _save_png(mask, out / mask_name.format(stem))
         else:
             kind = "Anomaly" if bad else "Normal"
             image_rel = f"{name}/Data/Images/{kind}/{stem}.JPG"
@@ -828,12 +1010,12 @@ def make_synthetic_category(out, size=128, n_train=40, n_test_good=8, n_test_bad
 def main(argv=None):
     p = argparse.ArgumentParser(description="Shared RcAE plumbing; `synth` writes a synthetic category.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("synth", help="write a small synthetic MVTec-layout (or VisA-layout) category")
+    s = sub.add_parser("synth", help="write a small synthetic category in one of the supported layouts")
     s.add_argument("--out", default="data/toy", help="folder to write (the --data of the stages)")
     s.add_argument("--size", type=int, default=128, help="image size in pixels")
     s.add_argument("--n_train", type=int, default=60, help="normal training images")
     s.add_argument("--n_test", type=int, default=20, help="test images of each kind (good, defect)")
-    s.add_argument("--layout", choices=["mvtec", "visa"], default="mvtec", help="folder layout")
+    s.add_argument("--layout", choices=[*SYNTH, "visa"], default="mvtec", help="folder layout (README, layouts)")
     s.add_argument("--seed", type=int, default=0, help="random seed")
     a = p.parse_args(argv)
     path = make_synthetic_category(a.out, a.size, a.n_train, a.n_test, a.n_test, a.seed, a.layout)

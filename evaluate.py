@@ -6,11 +6,15 @@ evaluates every variant they allow, which is the paper's Table 2 ablation from o
     rcae       map |I - I_R^N| (mean over channels), score top-k mean                            stage 1
     rcae+dpn   the same from |I - I_D^N|, the DPN-refined deepest reconstruction, Eq. (6)      stages 1-2
     crd        the CRD map M_A, Eq. (8), score top-k mean with the calibrated k                  stages 1-3
-
-Every variant's map is smoothed alike (Gaussian, --sigma px) before scoring; metrics.json says how.
     fair       the FAIR baseline's map and image score (--method fair, baselines/fair.py)
 
-Image size and depth come from the stage-1 checkpoint (FAIR: its own); masks are read at that size.
+Every RcAE variant's map is smoothed alike (Gaussian, --sigma px) before scoring; metrics.json says how.
+FAIR keeps its own paper's post-processing (a 21x21 mean filter).
+
+Image size, depth and --resize come from the stage-1 checkpoint (FAIR: its own). Masks are optional: I-AUROC
+and best F1 are over all test images, P-AUROC and AUPRO over the images whose pixel ground truth is known
+(normal images, anomalous ones with a mask). They are computed on each image's metric frame: its own aspect
+ratio with the long side at the model's size (common.metric_frame), the map taken back from the square input.
 A stage missing from <out> is taken from the path its downstream checkpoint recorded (Table 6 runs).
 Each variant runs only what it needs (rcae: one depth-N pass; rcae+dpn: plus DPN on that depth), and
 its images/s is the time to produce the maps of the whole test split after one warm-up batch, host
@@ -22,19 +26,24 @@ GPU:          python evaluate.py --data mvtec/bottle                 # every RcA
               python evaluate.py --data mvtec/bottle --method fair   # adds FAIR to the same metrics.json
               python evaluate.py --data mvtec                        # every category: results.md/.csv
 CPU smoke:    python evaluate.py --data data/toy --device cpu --n_figures 2
-Predict:      python evaluate.py --predict shots/ part.png --data mvtec/bottle
+Predict:      python evaluate.py --predict shots/ part.png --data mvtec/bottle [--variant rcae]
 Reads:  <out>/stage1_rcae.pt, stage2_dpn.pt, stage3_crd.pt (or fair.pt) and the test split of --data.
 Writes: <out>/metrics.json, <out>/scores.json (image scores, for the ROC curves), <out>/figures/*.png;
         for a folder of categories results.md and results.csv in runs/<root> (or --out);
-        for --predict <out>/predictions/*.png and <out>/predictions/predictions.csv.
+        for --predict a new folder <out>/predictions/<YYYYmmdd-HHMMSS>_<variant>/ with one overlay per image
+        (its own size, colour bar, score and threshold in the title) and predictions.csv (path, width,
+        height, variant, score, threshold, decision, overlay). Each variant's threshold is the same quantile
+        of the holdout normal scores: stage 3 stores crd's; rcae and rcae+dpn's are computed at predict time.
 
-metrics.json, schema 1 (a metric is null when not defined: one class missing from the test split):
-    {"schema": 1, "data": str, "category": str, "device": str, "image_size": int, "depth": int|null,
-     "n_images": int, "n_anomalous": int, "params": {stage: int}, "peak_mem_source": str,
+metrics.json, schema 1 (a metric is null when not defined: one class missing from the test split, or no
+anomalous image with a mask for the pixel metrics):
+    {"schema": 1, "data": str, "category": str, "device": str, "image_size": int, "resize": str,
+     "depth": int|null, "n_images": int, "n_anomalous": int, "n_pixel_images": int (those with pixel ground
+     truth), "n_pixel_anomalous": int, "params": {stage: int}, "peak_mem_source": str,
      "variants": {name: {"method": "rcae"|"fair", "i_auroc", "p_auroc", "aupro": float|null in [0, 1],
                          "best_f1": float|null, "best_f1_threshold": float|null, "images_per_s": float,
                          "peak_mem_mb": float|null, "params": int (all stages it uses), "image_size": int,
-                         "n_images": int, "n_anomalous": int}},
+                         "n_images", "n_anomalous", "n_pixel_images", "n_pixel_anomalous": int}},
      "calibrated_threshold": null | {"variant": "crd", "image_threshold", "topk_frac", "quantile",
                                      "tpr", "fpr", "f1": the test split judged at that threshold}}
 Running one --method replaces that method's variants and keeps the other's.
@@ -45,6 +54,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -85,7 +95,10 @@ def get_args(argv=None):
     g.add_argument("--batch_size", type=int, default=8, help="test images per forward pass")
     g.add_argument("--n_figures", type=int, default=4, help="figure panels of this many normal and anomalous images")
     g.add_argument("--predict", nargs="+", default=None, metavar="IMG",
-                   help="score these image files/folders with the full detector instead of evaluating")
+                   help="score these image files/folders (any size) instead of evaluating: overlays and a csv "
+                        "in a new folder <out>/predictions/<time>_<variant>")
+    g.add_argument("--variant", choices=RCAE_VARIANTS, default="crd",
+                   help="--predict: the map and image threshold to use; crd = the full detector (stages 1-3)")
     args = p.parse_args(argv)
     if args.data is None and (args.predict is None or args.out is None):
         raise UserError("pass --data (a category or a folder of categories), or --predict IMG with --out")
@@ -111,9 +124,17 @@ def image_auroc(labels, scores):
     return float(roc_auc_score(y, s)) if _both(y) else math.nan
 
 
+def _flat(arrays, dtype=None):
+    """(M, H, W) array, or a list of (H_i, W_i) arrays (images of several sizes) -> one flat array."""
+    if isinstance(arrays, np.ndarray):
+        return arrays.ravel() if dtype is None else arrays.astype(dtype, copy=False).ravel()
+    return np.concatenate([np.asarray(a, dtype=dtype).ravel() for a in arrays]) if len(arrays) else np.zeros(0, dtype)
+
+
 def pixel_auroc(masks, maps):
-    """Pixel-level AUROC over all test pixels. masks (M, H, W) binarised at > 0, maps (M, H, W)."""
-    y, s = np.asarray(masks).ravel() > 0, np.asarray(maps, dtype=np.float32).ravel()
+    """Pixel-level AUROC over all test pixels. masks (M, H, W) binarised at > 0, maps (M, H, W); or lists of
+    per-image (H_i, W_i) arrays."""
+    y, s = _flat(masks) > 0, _flat(maps, np.float32)
     return float(roc_auc_score(y, s)) if _both(y) else math.nan
 
 
@@ -138,30 +159,30 @@ def aupro(masks, maps, fpr_limit=0.3):
     images) at or above t; PRO(t) the mean over all regions of the fraction of the region at or above t.
     The curve runs from (0, 0) through every threshold to (1, 1); it is integrated with the trapezoid
     rule up to FPR = fpr_limit (interpolated there) and divided by fpr_limit, so the result is in [0, 1].
-    masks (M, H, W) binarised at > 0, maps (M, H, W). nan when there is no region or no normal pixel.
+    masks (M, H, W) binarised at > 0, maps (M, H, W), or lists of per-image (H_i, W_i) arrays. nan when
+    there is no region or no normal pixel.
 
     One sort of all pixels replaces the threshold loop: a pixel of region r adds 1 / (R |r|) to PRO once
     the threshold passes its score, so PRO and FPR are cumulative sums in descending score order."""
-    masks = np.asarray(masks) > 0  # (M, H, W)
-    maps = np.asarray(maps)
+    shapes = [(np.shape(a), np.shape(b)) for a, b in zip(masks, maps)]
+    if len(masks) != len(maps) or any(a != b or len(a) != 2 for a, b in shapes):
+        raise ValueError(f"aupro: masks and maps must both be (M, H, W) or lists of equal (H_i, W_i), got {shapes[:3]}")
+    regions, n_regions = [], 0  # 0 = normal pixel, 1..R = region id over all images
+    for m in masks:
+        lab, n = ndimage.label(np.asarray(m) > 0, structure=np.ones((3, 3), int))  # 8-connectivity
+        regions.append(np.where(lab > 0, lab + n_regions, 0).ravel())
+        n_regions += n
+    region = np.concatenate(regions) if regions else np.zeros(0, np.int64)
+    maps = _flat(maps)
     if not np.issubdtype(maps.dtype, np.floating):
         maps = maps.astype(np.float64)
-    if masks.shape != maps.shape or masks.ndim != 3:
-        raise ValueError(f"aupro: masks {masks.shape} and maps {maps.shape} must both be (M, H, W)")
-    region = np.zeros(masks.shape, np.int32)  # 0 = normal pixel, 1..R = region id over all images
-    n_regions = 0
-    for i in range(len(masks)):
-        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3), int))  # 8-connectivity
-        region[i] = np.where(lab > 0, lab + n_regions, 0)
-        n_regions += n
-    region = region.ravel()
     size = np.bincount(region, minlength=n_regions + 1)  # (R + 1,) pixels per region, [0] = normal
     n_normal = int(size[0])
     if n_regions == 0 or n_normal == 0:
         return math.nan
     gain = np.r_[0.0, 1.0 / (n_regions * size[1:])]  # (R + 1,) PRO gained per pixel of each region
-    order = np.argsort(maps.ravel(), kind="stable")[::-1]  # descending score
-    s = maps.ravel()[order]
+    order = np.argsort(maps, kind="stable")[::-1]  # descending score
+    s = maps[order]
     ids = region[order]
     del order, region
     fpr = np.cumsum(ids == 0, dtype=np.int64)
@@ -181,70 +202,22 @@ def aupro(masks, maps, fpr_limit=0.3):
 # ----------------------------------------------------------------------------- models
 
 
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 def load_stages(out, data, method):
-    """The frozen stages for `out`: {stage: (model, ck)} in pipeline order, only those trained.
-
-    A stage missing from `out` is taken from the path its downstream checkpoint recorded (a CRD trained
-    with --out elsewhere and --rcae/--dpn from here, as for Table 6). A missing first stage is a
-    UserError naming the command that makes it."""
+    """The frozen stages for `out`: {stage: (model, ck)} in pipeline order, only those trained (RcAE:
+    stage3_crd.load_chain, the one chain loader with its checks). A missing first stage is a UserError
+    naming the command that makes it."""
     out = Path(out)
     if method == "fair":
         if not (out / CKPT["fair"]).is_file():
-            raise UserError(_missing("fair", out, data))
+            raise UserError(f"no {CKPT['fair']} in {out}: run `{HOW['fair'].format(data=data or 'PATH')}` first "
+                            f"(or point --out at the folder that holds it)")
         from baselines.fair import load_fair  # only FAIR runs need the baseline's code
         return {"fair": load_fair(str(out / CKPT["fair"]))}
-    found, ups = {}, {}
-    for stage, up in (("stage3_crd", None), ("stage2_dpn", "dpn"), ("stage1_rcae", "rcae")):
-        path = out / CKPT[stage]
-        if not path.is_file() and up in ups and Path(ups[up]).is_file():
-            path = Path(ups[up])
-        if path.is_file():
-            found[stage] = path
-            ups = {**common.load_checkpoint(path, stage).get("upstream", {}), **ups}
-    if "stage1_rcae" not in found:
-        raise UserError(_missing("stage1_rcae", out, data))
-    if "stage3_crd" in found and "stage2_dpn" not in found:
-        common.warn(f"{found.pop('stage3_crd')} is ignored: CRD reads DPN output and {CKPT['stage2_dpn']} is missing")
-    from stage1_rcae import load_rcae
-    st = {"stage1_rcae": load_rcae(str(found["stage1_rcae"]))}
-    if "stage2_dpn" in found:
-        from stage2_dpn import load_dpn
-        st["stage2_dpn"] = load_dpn(str(found["stage2_dpn"]))
-    if "stage3_crd" in found:
-        from stage3_crd import load_crd
-        st["stage3_crd"] = load_crd(str(found["stage3_crd"]))
-    for name, (_, ck) in st.items():
-        if ck["step"] < ck.get("total_steps", 0):
-            common.warn(f"{found[name]} is an unfinished run ({ck['step']} of {ck['total_steps']} steps)")
+    from stage3_crd import load_chain
+    st = load_chain(out, data=data)
     if "stage3_crd" in st and "calibration" not in st["stage3_crd"][1]:  # written when stage 3 ends
-        common.warn(f"{found['stage3_crd']} has no calibration yet: no image threshold")
-    if len(st) > 1:
-        _check_chain(st, data)
+        common.warn(f"the stage3_crd.pt of {out} has no calibration yet: no image threshold")
     return st
-
-
-def _missing(stage, out, data):
-    return (f"no {CKPT[stage]} in {out}: run `{HOW[stage].format(data=data or 'PATH')}` first "
-            f"(or point --out at the folder that holds it)")
-
-
-def _check_chain(st, data):
-    """Each later stage names the sha256 of the weights it was trained on; refuse a retrained upstream."""
-    cks = {name.split("_")[1]: ck for name, (_, ck) in st.items()}  # rcae, dpn, crd
-    size, depth = st["stage1_rcae"][1]["model_config"]["image_size"], st["stage1_rcae"][1]["model_config"]["depth"]
-    for name, (_, ck) in list(st.items())[1:]:
-        cfg = ck["model_config"]
-        if cfg.get("depth", depth) != depth or cfg.get("image_size", size) != size:
-            raise UserError(f"{name} was trained for depth {cfg.get('depth')} at {cfg.get('image_size')}px, "
-                            f"stage 1 for depth {depth} at {size}px: retrain {name}")
-        bad = common.trained_on_other(ck, **cks)
-        if bad:
-            raise UserError(f"{name} was trained on other {bad[0]} weights than the checkpoint now in its folder "
-                            f"(an upstream stage was retrained): run `{HOW[name].format(data=data or 'PATH')} --overwrite`")
 
 
 def gaussian_blur(m, sigma):
@@ -261,15 +234,6 @@ def gaussian_blur(m, sigma):
 def residual_map(x, recon, sigma):
     """|I - recon| averaged over channels, smoothed: (B, C, H, W), (B, C, H, W) -> (B, 1, H, W)."""
     return gaussian_blur((x - recon).abs().mean(1, keepdim=True), sigma)
-
-
-def crd_map(st, x):
-    """M_A of the full detector, Eq. (8): x (B, C, H, W) -> (B, 1, H, W) in [0, 1]."""
-    from stage3_crd import frozen_forward
-    crd, ck = st["stage3_crd"]
-    _, _, inp = frozen_forward(st["stage1_rcae"][0], st["stage2_dpn"][0], x, ck["model_config"]["use_depths"],
-                               ck["model_config"].get("crd_input", "image"))
-    return crd(inp)  # (B, 1, H, W)
 
 
 def calibration(st):
@@ -302,8 +266,9 @@ def variant_fns(st, sigma, topk_frac):
         dpn = st["stage2_dpn"][0]
         fns["rcae+dpn"] = lambda x: scored(residual_map(x, dpn.refine(rcae(x)[:, None], x)[:, 0], sigma))  # I_D^N
     if "stage3_crd" in st:  # always stage 3's own k, the one its threshold was calibrated with
-        frac = calibration(st)["topk_frac"]
-        fns["crd"] = lambda x: scored(gaussian_blur(crd_map(st, x), sigma), frac)  # the same smoothing
+        from stage3_crd import detector_of
+        det = detector_of(st)
+        fns["crd"] = lambda x: scored(gaussian_blur(det(x)["map"], sigma), det.topk_frac)  # Eq. (8): M_A, smoothed alike
     return fns
 
 
@@ -370,9 +335,34 @@ def match_masks(masks, shape, note):
 
 
 def metrics_of(labels, masks, maps, scores):
+    """Image metrics over all images; pixel metrics over `masks` and `maps`, the images with ground truth."""
     f1, thr = best_f1(labels, scores)
     return {"i_auroc": image_auroc(labels, scores), "p_auroc": pixel_auroc(masks, maps),
             "aupro": aupro(masks, maps), "best_f1": f1, "best_f1_threshold": thr}
+
+
+def resize_of(st):
+    """How the stages turned images into squares (--resize of stage 1; squash before the flag existed)."""
+    ck = next(iter(st.values()))[1]
+    return ck["args"].get("resize") or common.BEFORE_FLAG["resize"]
+
+
+def on_frames(split, size, maps, idx):
+    """The maps of images `idx` on their metric frames (common.metric_frame: the image's aspect ratio, long
+    side `size`), with the ground truth read on the same frames: (masks, maps), each (K, h, w) arrays when
+    the frames agree, else lists. Square images need no change: the frame is the model input."""
+    frames = [common.metric_frame(*split.sizes[i], size) for i in idx]
+    if all(f == (size, size) for f in frames):
+        return split.masks[torch.as_tensor(idx, dtype=torch.long), 0].numpy(), maps[idx]
+    masks, out = [], []
+    for i, f in zip(idx, frames):
+        s = split.samples[i]
+        masks.append(common.read_mask(s.mask, f) if s.mask else np.zeros(f, bool))  # (h, w)
+        m = torch.from_numpy(maps[i])[None, None]  # (1, 1, size, size)
+        out.append(common.map_to_image(m, split.sizes[i], size, split.resize, f)[0, 0].numpy())  # (h, w)
+    if len(set(frames)) == 1:
+        return np.stack(masks), np.stack(out)
+    return masks, out
 
 
 # ----------------------------------------------------------------------------- one category
@@ -416,24 +406,34 @@ def evaluate_category(data, out, args):
         model.to(device)
     size = image_size_of(st)
     depth = st["stage1_rcae"][1]["model_config"]["depth"] if "stage1_rcae" in st else None
-    split = common.load_split(str(data), "test", size, args.workers)
-    labels, masks = split.labels.numpy(), split.masks[:, 0].numpy()  # (M,), (M, H, W) bool
-    n_anom = int(labels.sum())
-    print(f"evaluate: {data}: {len(labels)} test images ({n_anom} anomalous) at {size}px on {device}, "
-          f"stages {', '.join(st)}")
+    split = common.load_split(str(data), "test", size, args.workers, resize_of(st))
+    labels = split.labels.numpy()  # (M,)
+    pix = np.flatnonzero(split.has_mask.numpy())  # the images whose pixel ground truth is known
+    n_anom, n_pix_anom = int(labels.sum()), int(labels[pix].sum())
+    counts = {"n_images": len(labels), "n_anomalous": n_anom, "n_pixel_images": len(pix),
+              "n_pixel_anomalous": n_pix_anom}
+    print(f"evaluate: {data}: {len(labels)} test images ({n_anom} anomalous, {n_pix_anom} of them with a mask) "
+          f"at {size}px on {device}, stages {', '.join(st)}")
     if n_anom in (0, len(labels)):
         common.warn(f"the test split of {data} has only {'normal' if n_anom == 0 else 'anomalous'} images: "
-                    f"AUROC and AUPRO are not defined (null)")
+                    f"AUROC, AUPRO and best F1 need both kinds and are not defined (null)")
+    elif n_pix_anom == 0:
+        common.warn(f"no anomalous test image of {data} has a mask: P-AUROC and AUPRO are not defined (null); "
+                    f"I-AUROC and best F1 are over all {len(labels)} images")
+    elif n_pix_anom < n_anom:
+        common.warn(f"{n_anom - n_pix_anom} of {n_anom} anomalous test images of {data} have no mask: P-AUROC and "
+                    f"AUPRO are over the {len(pix)} images with pixel ground truth, I-AUROC over all {len(labels)}")
     topk = topk_frac_of(st, args.topk_frac)
-    params = {name: n_params(model) for name, (model, _) in st.items()}
+    params = {name: common.n_params(model) for name, (model, _) in st.items()}
     variants, scores, fig_idx, fig_maps, note = {}, {}, figure_indices(labels, args.n_figures), {}, []
     for name, fn in variant_fns(st, args.sigma, topk).items():
         maps, s, seconds, mem = run_variant(fn, split.images, device, args.batch_size, name)
-        m = match_masks(masks, maps.shape[-2:], note)
-        variants[name] = {"method": args.method, **metrics_of(labels, m, maps, s),
+        gt, m = on_frames(split, maps.shape[-1], maps, pix)
+        if isinstance(gt, np.ndarray):
+            gt = match_masks(gt, m.shape[-2:], note)
+        variants[name] = {"method": args.method, **metrics_of(labels, gt, m, s),
                           "images_per_s": len(labels) / seconds, "peak_mem_mb": mem,
-                          "params": sum(params[k] for k in variant_stages(name)), "image_size": size,
-                          "n_images": len(labels), "n_anomalous": n_anom}
+                          "params": sum(params[k] for k in variant_stages(name)), "image_size": size, **counts}
         scores[name] = s.tolist()
         fig_maps[name] = (maps[fig_idx], float(maps.max()))
     calib = None
@@ -451,7 +451,7 @@ def evaluate_category(data, out, args):
         old = {}
     keep = {k: v for k, v in old.get("variants", {}).items() if v.get("method") != args.method}
     res = {"schema": 1, "data": str(data), "category": Path(data).name, "device": str(device),
-           "image_size": size, "depth": depth, "n_images": len(labels), "n_anomalous": n_anom,
+           "image_size": size, "resize": split.resize, "depth": depth, **counts,
            "params": {**old.get("params", {}), **params}, "peak_mem_source": peak_mem_source(device),
            "post_processing": {"gaussian_sigma": args.sigma, "applied_to": "every variant's map"},
            "variants": {**keep, **variants},
@@ -483,6 +483,9 @@ def print_table(res):
         print(" | ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)))
         if j == 0:
             print("-+-".join("-" * x for x in w))
+    if res.get("n_pixel_images", res["n_images"]) < res["n_images"]:
+        print(f"P-AUROC and AUPRO over the {res['n_pixel_images']} of {res['n_images']} images with pixel ground "
+              f"truth ({res['n_pixel_anomalous']} of {res['n_anomalous']} anomalous images have a mask)")
     if res.get("calibrated_threshold"):
         c = res["calibrated_threshold"]
         print(f"calibrated threshold {c['image_threshold']:.4g} (crd): test TPR {pct(c['tpr'])}%, FPR {pct(c['fpr'])}%")
@@ -555,7 +558,7 @@ def roc_figure(path, labels, scores):
 
 
 def category_folders(data):
-    """None when `data` is one category, else its sub-folders that are categories (MVTec or VisA layout)."""
+    """None when `data` is one category, else its sub-folders that are categories (any supported layout)."""
     try:
         common.detect_layout(data)
         return None
@@ -563,8 +566,7 @@ def category_folders(data):
         root = Path(data)
         if not root.is_dir():
             raise
-        cats = [d for d in sorted(root.iterdir())
-                if (d / "train").is_dir() or (d / "test").is_dir() or (d / "Data" / "Images").is_dir()]
+        cats = [d for d in sorted(root.iterdir()) if d.is_dir() and common.is_category(d)]
         if not cats:
             raise
         return cats
@@ -606,6 +608,11 @@ def write_results(folder, done, skipped):
              "| category | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for cat, row in [*table.items(), ("**Mean**", mean)]:
         lines.append(f"| {cat} | " + " | ".join(" / ".join(fmt(x) for x in row[v]) for v in names) + " |")
+    partial = [(c, m) for c, m in done.items() if m.get("n_pixel_images", m["n_images"]) < m["n_images"]]
+    if partial:
+        lines += ["", "P-AUROC and AUPRO over the images with pixel ground truth only:",
+                  *[f"- {c}: {m['n_pixel_images']} of {m['n_images']} images ({m['n_pixel_anomalous']} of "
+                    f"{m['n_anomalous']} anomalous images have a mask)" for c, m in partial]]
     if skipped:
         lines += ["", "Skipped (not evaluated):", *[f"- {c}: {why}" for c, why in skipped]]
     folder.mkdir(parents=True, exist_ok=True)
@@ -623,58 +630,130 @@ def write_results(folder, done, skipped):
 
 
 def image_files(paths):
-    """--predict arguments (files, or folders: their images, not recursive) -> image paths."""
+    """--predict arguments (files, or folders: their images, not recursive) -> image paths. A missing path, a
+    folder without images or a file that is not an image is a UserError."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in common.IMAGE_EXTS)
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in common.IMAGE_EXTS)
+            if not found:
+                raise UserError(f"--predict {p}: no images in this folder ({', '.join(sorted(common.IMAGE_EXTS))})")
+            files += found
         elif p.is_file():
+            if p.suffix.lower() not in common.IMAGE_EXTS:
+                raise UserError(f"--predict {p}: not an image file ({', '.join(sorted(common.IMAGE_EXTS))})")
             files.append(p)
         else:
             raise UserError(f"--predict {p}: no such file or folder")
-    if not files:
-        raise UserError(f"--predict {' '.join(paths)}: no images found ({', '.join(sorted(common.IMAGE_EXTS))})")
     return files
+
+
+def holdout_threshold(st, fn, variant, args, device):
+    """The image threshold of `variant` and its colour scale, calibrated as stage 3 calibrates crd's: the same
+    quantile (stage 3's --threshold_quantile, 0.99 without stage 3) of the scores of the holdout normal images
+    (train/good kept out of all training, common.train_images(..., "holdout")). -> (threshold, map vmax)."""
+    cal = calibration(st)
+    if variant == "crd":
+        if cal.get("image_threshold") is None:
+            raise UserError("the stage3_crd.pt has no calibrated image threshold (stage 3 unfinished, or trained "
+                            "with --holdout 0): finish `python stage3_crd.py --data PATH`")
+        return float(cal["image_threshold"]), 1.0  # M_A is in [0, 1]
+    ck = st["stage1_rcae"][1]
+    data = args.data or ck["args"]["data"]
+    hold = SimpleNamespace(data=data, image_size=image_size_of(st), workers=args.workers, holdout=ck["args"]["holdout"],
+                           resize=resize_of(st))
+    if not Path(data).is_dir():
+        raise UserError(f"--variant {variant} calibrates its threshold on the holdout of train/good of {data}, which "
+                        f"is not there: pass --data with the category the stages were trained on")
+    images = common.train_images(hold, part="holdout")  # (K, 3, H, W) uint8
+    if not len(images):
+        raise UserError(f"--variant {variant} needs holdout images to calibrate its threshold, but stage 1 was "
+                        f"trained with --holdout {hold.holdout}")
+    maps, scores, _, _ = run_variant(fn, images, device, args.batch_size, f"holdout {variant}")
+    q = cal.get("quantile") or 0.99
+    return float(torch.quantile(torch.from_numpy(scores).double(), q)), float(maps.max())
+
+
+def overlay(path, img, m, title, vmax):
+    """The image at its own resolution under its anomaly map (jet, half transparent), a colour bar, a title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    h, w = img.shape[:2]
+    dpi = 100
+    fig = plt.figure(figsize=(max(w, 320) / dpi + 1.4, max(h, 240) / dpi + 0.7), dpi=dpi)
+    ax = fig.add_axes([0.02, 0.02, 0.8, 0.86])
+    ax.imshow(img)
+    heat = ax.imshow(m, cmap="jet", alpha=0.5, vmin=0, vmax=vmax)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.colorbar(heat, cax=fig.add_axes([0.85, 0.1, 0.03, 0.7]), label="anomaly map")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
+    plt.close(fig)
+
+
+def new_folder(parent, name):
+    """A folder that did not exist: <parent>/<name>, else <name>-2, -3, ... (two calls in one second)."""
+    for i in range(1, 1000):
+        folder = parent / (name if i == 1 else f"{name}-{i}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise UserError(f"cannot make a new folder {parent / name} (999 exist)")
 
 
 @torch.inference_mode()
 def predict(args):
-    """Score images with the full detector and its stage-3 threshold; overlays and predictions.csv."""
+    """Score images with one variant and its holdout-calibrated threshold: one overlay per image, at the
+    image's own size, and predictions.csv, in a new folder per call. Every input is read before anything
+    is written, so bad input leaves nothing behind."""
     out = Path(args.out or common.default_out(args.data))
-    if not (out / CKPT["stage3_crd"]).is_file():
-        raise UserError(f"--predict needs the full detector and its calibrated threshold, but {out} has no "
-                        f"{CKPT['stage3_crd']}: run `{HOW['stage3_crd'].format(data=args.data or 'PATH')}` first")
+    files = image_files(args.predict)
     st = load_stages(out, args.data, "rcae")
     device = common.get_device(args.device)
     for model, _ in st.values():
         model.to(device)
-    cal, size = calibration(st), image_size_of(st)
-    if cal["image_threshold"] is None:
-        raise UserError(f"{out / CKPT['stage3_crd']} has no calibrated image threshold (stage 3 unfinished, or "
-                        f"trained with --holdout 0): finish `{HOW['stage3_crd'].format(data=args.data or 'PATH')}`")
-    fn = variant_fns(st, args.sigma, topk_frac_of(st, args.topk_frac))["crd"]
-    import matplotlib
-    cmap = matplotlib.colormaps["jet"]
-    folder = out / "predictions"
-    folder.mkdir(parents=True, exist_ok=True)
-    rows, used = [], set()
-    for f in tqdm(image_files(args.predict), desc="predict", unit="img", disable=None):
+    fns = variant_fns(st, args.sigma, topk_frac_of(st, args.topk_frac))
+    if args.variant not in fns:
+        need = variant_stages(args.variant)[-1]
+        raise UserError(f"--variant {args.variant} needs {CKPT[need]}, which {out} does not have: run "
+                        f"`{HOW[need].format(data=args.data or 'PATH')}` first, or pick --variant "
+                        f"{' or '.join(fns)}")
+    size, resize = image_size_of(st), resize_of(st)
+    images = []
+    for f in files:
         try:
-            img = common.read_image(f, size)  # (H, W, 3) uint8, any PIL mode
+            images.append(common.read_image_full(f))  # (h, w, 3) uint8, any PIL mode
         except (OSError, SyntaxError, ValueError) as e:
-            common.warn(f"skipping unreadable {f}: {e}")
-            continue
-        m, s = fn(common.to_float(torch.tensor(img).permute(2, 0, 1)[None]).to(device))  # (1, 1, H, W), (1,)
-        score, thr = float(s[0]), float(cal["image_threshold"])
-        heat = cmap(m[0, 0].float().clamp(0, 1).cpu().numpy())[..., :3] * 255  # (H, W, 3)
+            raise UserError(f"--predict {f}: not a readable image ({e})") from None
+    wide = [f.name for f, im in zip(files, images) if im.shape[0] != im.shape[1]]
+    if resize == "squash" and wide:
+        common.warn(f"{len(wide)} of {len(files)} images are not square (e.g. {wide[0]}) and these stages squash "
+                    f"them to {size}x{size} (trained with --resize squash); maps are taken back to each image's size")
+    fn = fns[args.variant]
+    thr, vmax = holdout_threshold(st, fn, args.variant, args, device)
+    folder = new_folder(out / "predictions", f"{time.strftime('%Y%m%d-%H%M%S')}_{args.variant}")
+    rows, used = [], set()
+    for f, img in tqdm(list(zip(files, images)), desc="predict", unit="img", disable=None):
+        h, w = img.shape[:2]
+        x = torch.from_numpy(common.fit_image(img, size, resize).copy())  # (S, S, 3) uint8, as the stages saw images
+        m, s = fn(common.to_float(x.permute(2, 0, 1)[None]).to(device))  # (1, 1, S, S), (1,)
+        m = common.map_to_image(m.float().cpu(), (h, w), size, resize, (h, w))[0, 0].numpy()  # (h, w)
+        score = float(s[0])
+        decision = "anomalous" if score > thr else "normal"
         name = f.stem if f.stem not in used else f"{f.stem}_{len(used)}"
         used.add(name)
-        Image.fromarray((0.5 * img + 0.5 * heat).astype(np.uint8)).save(folder / f"{name}.png")
-        rows.append([str(f), repr(score), repr(thr), "anomalous" if score > thr else "normal"])  # exact floats
+        overlay(folder / f"{name}.png", img, m, f"{f.name}: {args.variant} score {score:.4g} "
+                f"{'>' if score > thr else '<='} threshold {thr:.4g}: {decision}", vmax)
+        rows.append([str(f), w, h, args.variant, repr(score), repr(thr), decision, str(folder / f"{name}.png")])
     with open(folder / "predictions.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows([["path", "score", "threshold", "decision"], *rows])
-    print(f"predict: {sum(r[3] == 'anomalous' for r in rows)} of {len(rows)} images anomalous "
-          f"(threshold {cal['image_threshold']:.4g}); wrote {folder}")
+        csv.writer(fh).writerows([["path", "width", "height", "variant", "score", "threshold", "decision",
+                                   "overlay"], *rows])  # exact floats
+    print(f"predict: {sum(r[6] == 'anomalous' for r in rows)} of {len(rows)} images anomalous with {args.variant} "
+          f"(threshold {thr:.4g}, the {calibration(st).get('quantile') or 0.99} quantile of the holdout scores); "
+          f"wrote {folder}")
     return rows
 
 

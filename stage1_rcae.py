@@ -188,7 +188,7 @@ def main(argv=None):
     model.fit_input_norm(images)
     holdout = common.train_images(args, part="holdout")
     print(f"{STAGE}: {len(images)} training images at {args.image_size}px, depth N={cfg.depth}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+          f"{common.n_params(model):,} parameters")
 
     common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
                  make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, depth=cfg.depth,

@@ -128,7 +128,7 @@ def main(argv=None):
     rcae.to(common.get_device(args.device))
     images = common.train_images(args)  # (M, 3, H, W) uint8, the same train/good minus holdout as stage 1
     print(f"{STAGE}: {len(images)} training images at {args.image_size}px, refining depths 1..{cfg.depth}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters; RcAE frozen from {args.rcae}")
+          f"{common.n_params(model):,} parameters; RcAE frozen from {args.rcae}")
 
     upstream = {"rcae": str(Path(args.rcae).resolve()), "rcae_sha": common.fingerprint(rcae_ck["model"])}
     common.check_upstream_unchanged(f"{args.out}/{STAGE}.pt", STAGE, upstream, args)

@@ -10,8 +10,8 @@ axis is the 3D convolutions' third axis) and predicts the anomaly map:
 RcAE and DPN are frozen; the input has pseudo anomalies (mask M_P) part of the time. The image score
 is the mean of the top --topk_frac of M_A's pixels. After training, the holdout normal images (train/good
 kept out of every stage's training, never the test split) are scored, and their --threshold_quantile
-is stored in the checkpoint as the image threshold. `load_detector` rebuilds the whole chain for
-evaluate.py, notebooks and benchmarks.
+is stored in the checkpoint as the image threshold. `load_chain` rebuilds the chain (or the part of it
+that is trained) for evaluate.py; `load_detector` the whole Detector for notebooks and benchmarks.
 
 GPU (paper settings):  python stage3_crd.py --data mvtec/bottle
 CPU smoke run:         python stage3_crd.py --data data/toy --max_steps 100 --batch_size 8
@@ -96,10 +96,7 @@ def upstream(args):
     rcae, rcae_ck = upstream_rcae(args)  # fills args.rcae, inherits image_size/depth/holdout
     args.dpn = args.dpn or f"{args.out}/stage2_dpn.pt"
     dpn, dpn_ck = load_dpn(args.dpn)
-    if common.trained_on_other(dpn_ck, rcae=rcae_ck):
-        raise UserError(f"{args.dpn} was trained on the RcAE {dpn_ck['upstream']['rcae']}, not on the weights in "
-                        f"{args.rcae}: run `python stage2_dpn.py --data {args.data} --rcae {args.rcae} --overwrite` "
-                        f"first, or pass the matching --rcae")
+    common.check_chain({"rcae": rcae_ck, "dpn": dpn_ck}, {"rcae": args.rcae, "dpn": args.dpn}, args.data)
     return rcae, dpn, {"rcae": str(Path(args.rcae).resolve()), "rcae_sha": common.fingerprint(rcae_ck["model"]),
                        "dpn": str(Path(args.dpn).resolve()), "dpn_sha": common.fingerprint(dpn_ck["model"])}
 
@@ -297,7 +294,7 @@ def main(argv=None):
     images = common.train_images(args)  # (M, 3, H, W) uint8, the same train/good minus holdout as stage 1
     holdout = common.train_images(args, part="holdout")  # kept out of all training: validation, threshold
     print(f"{STAGE}: {len(images)} training images at {args.image_size}px, depths {cfg.use_depths} of N={cfg.depth}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters; RcAE {args.rcae} and DPN {args.dpn} frozen")
+          f"{common.n_params(model):,} parameters; RcAE {args.rcae} and DPN {args.dpn} frozen")
 
     path = f"{args.out}/{STAGE}.pt"
     common.check_upstream_unchanged(path, STAGE, ups, args)
@@ -323,19 +320,52 @@ def load_crd(path):
     return common.freeze(common.build_from_checkpoint(ck, CRD, Config)), ck
 
 
+def load_chain(out, rcae=None, dpn=None, crd=None, data=None):
+    """The one loader of the frozen chain: {stage: (model, ck)} in pipeline order, the stages trained so far.
+
+    Each stage comes from its given path (which must exist), else <out>/<stage>.pt, else the path its
+    downstream checkpoint recorded (a CRD trained with --out elsewhere and --rcae/--dpn from here, as for
+    Table 6). No stage 1 is a UserError naming the command that makes it; a CRD without its DPN is
+    dropped with a warning. Refuses a mixed-up chain (common.check_chain)."""
+    given = {"crd": crd, "dpn": dpn, "rcae": rcae}
+    loaders = {"crd": ("stage3_crd", load_crd), "dpn": ("stage2_dpn", load_dpn), "rcae": ("stage1_rcae", load_rcae)}
+    found, paths, ups = {}, {}, {}
+    for key, (stage, load) in loaders.items():
+        path = Path(given[key] or Path(out) / f"{stage}.pt")
+        if given[key] is None and not path.is_file() and Path(ups.get(key, "")).is_file():
+            path = Path(ups[key])
+        if given[key] is not None or path.is_file():
+            found[key], paths[key] = load(str(path)), str(path)
+            ups = {**found[key][1].get("upstream", {}), **ups}
+    if "rcae" not in found:
+        raise UserError(f"no stage1_rcae.pt in {out}: run `python stage1_rcae.py --data {data or 'PATH'}` first "
+                        f"(or point --out at the folder that holds it)")
+    if "crd" in found and "dpn" not in found:
+        common.warn(f"{paths.pop('crd')} is ignored: CRD reads DPN output and stage2_dpn.pt is missing")
+        found.pop("crd")
+    chain = {loaders[k][0]: found[k] for k in ("rcae", "dpn", "crd") if k in found}
+    for stage, (_, ck) in chain.items():
+        if ck["step"] < ck.get("total_steps", 0):
+            common.warn(f"{paths[stage.split('_')[1]]} is an unfinished run ({ck['step']} of {ck['total_steps']} steps)")
+    common.check_chain({k: found[k][1] for k in ("rcae", "dpn", "crd") if k in found}, paths, data)
+    return chain
+
+
+def detector_of(chain):
+    """The Detector of a loaded chain with all three stages, with stage 3's calibrated top-k and threshold."""
+    crd, ck = chain["stage3_crd"]
+    cal = ck.get("calibration") or {}
+    return common.freeze(Detector(chain["stage1_rcae"][0], chain["stage2_dpn"][0], crd,
+                                  topk_frac=cal.get("topk_frac", ck["args"]["topk_frac"]),
+                                  image_threshold=cal.get("image_threshold")))
+
+
 def load_detector(out, rcae=None, dpn=None, crd=None):
     """The frozen Detector from <out>/stage{1,2,3}_*.pt (or the given paths); refuses a mixed-up chain."""
-    rcae_m, rcae_ck = load_rcae(rcae or f"{out}/stage1_rcae.pt")
-    dpn_m, dpn_ck = load_dpn(dpn or f"{out}/stage2_dpn.pt")
-    crd_m, crd_ck = load_crd(crd or f"{out}/stage3_crd.pt")
-    for path, ck in ((crd or f"{out}/stage3_crd.pt", crd_ck), (dpn or f"{out}/stage2_dpn.pt", dpn_ck)):
-        bad = common.trained_on_other(ck, rcae=rcae_ck, dpn=dpn_ck)
-        if bad:
-            raise UserError(f"{path} was trained with the {bad[0]} {ck['upstream'][bad[0]]}, not with the weights "
-                            f"loaded now: pass that --{bad[0]}, or retrain the stages after it")
-    cal = crd_ck.get("calibration") or {}
-    return common.freeze(Detector(rcae_m, dpn_m, crd_m, topk_frac=cal.get("topk_frac", crd_ck["args"]["topk_frac"]),
-                                  image_threshold=cal.get("image_threshold")))
+    chain = load_chain(out, rcae, dpn, crd)
+    if "stage3_crd" not in chain:
+        raise UserError(f"no usable stage3_crd.pt in {out}: run `python stage3_crd.py --data PATH` first")
+    return detector_of(chain)
 
 
 if __name__ == "__main__":

@@ -424,7 +424,7 @@ def main(argv=None):
     textures = load_textures(args.textures, args.image_size, args.workers) if args.textures else images
     print(f"{STAGE}: {len(images)} training images at {args.image_size}px, {args.filter} high-pass, "
           f"textures from {args.textures or 'the training images (noDTD)'}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+          f"{common.n_params(model):,} parameters")
     common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
                  make_batch=partial(make_batch, textures=textures, cutpaste_prob=args.cutpaste_prob,
                                     perlin_prob=args.perlin_prob),

@@ -244,7 +244,7 @@ def main(argv=None):
         return probe(args, device, m, args.sizes[0])
     print(f"device {device} ({torch.get_num_threads()} threads)")
     matmul, matmul_flops = matmul_item(device)
-    params = {k: sum(p.numel() for p in v.parameters()) for k, v in m.items()}
+    params = {k: common.n_params(v) for k, v in m.items()}
     rows, peaks = [], []
     for size in args.sizes:
         its = items(m, size, args, device)

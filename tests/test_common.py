@@ -1,4 +1,4 @@
-"""common.py: loaders (MVTec, VisA, image modes), bad input, pseudo anomalies, grad, checkpoints."""
+"""common.py: loaders (every layout, image modes, aspect ratio), bad input, pseudo anomalies, grad, checkpoints."""
 import csv
 import shutil
 import subprocess
@@ -80,6 +80,54 @@ def test_masks_binarised(tmp_path):
     assert common.read_mask(tmp_path / "m.png", 8).sum() == 4
 
 
+@pytest.mark.parametrize("layout", ["mvtec", "mpdd", "mvtec_ad2", "btad", "folder", "visa"])
+def test_every_layout_is_detected_and_read(tmp_path, layout):
+    data = common.make_synthetic_category(tmp_path / layout, size=16, n_train=5, n_test_good=2, n_test_bad=2,
+                                          layout=layout)
+    assert common.detect_layout(data) == {"mpdd": "mvtec"}.get(layout, layout)
+    train, test = common.list_samples(data, "train"), common.list_samples(data, "test")
+    n_good = 1 if layout == "folder" else 2  # a plain folder's good/ (7 images) gives 20% to the test split
+    assert len(train) == 7 - n_good if layout == "folder" else len(train) == 5
+    assert sorted(s.label for s in test) == [0] * n_good + [1, 1]
+    assert all((s.mask is not None) == bool(s.label) for s in test)
+    assert not {s.path for s in train} & {s.path for s in test}
+    split = common.load_split(data, "test", 16, 0)
+    assert split.masks[split.labels == 1].any() and not split.masks[split.labels == 0].any()
+
+
+def test_layout_mask_without_image(tmp_path):
+    data = Path(common.make_synthetic_category(tmp_path / "b", size=16, n_train=2, n_test_good=1, n_test_bad=1,
+                                               layout="btad"))
+    shutil.copy(data / "ground_truth/ko/003.png", data / "ground_truth/ko/009.png")
+    with pytest.raises(UserError, match=r"mask .*009.png has no image"):
+        common.list_samples(str(data), "test")
+
+
+@pytest.mark.parametrize("resize", ["squash", "pad", "crop"])
+def test_resize_keeps_geometry_and_maps_go_back(tmp_path, resize):
+    a = np.zeros((20, 40), np.uint8)  # a wide image with a bright square in its right half
+    a[5:15, 25:35] = 255
+    Image.fromarray(a).save(tmp_path / "wide.png")
+    img = common.read_image(tmp_path / "wide.png", 16, resize)[..., 0]  # (16, 16)
+    mask = common.read_mask(tmp_path / "wide.png", 16, resize)
+    assert img.shape == mask.shape == (16, 16)
+    assert np.array_equal(img > 127, mask) or resize == "squash"
+    if resize == "pad":  # the long side fills the square, 4 black rows above and below
+        assert not img[:4].any() and not img[-4:].any()
+    back = common.map_to_image(torch.from_numpy(mask).float()[None, None], (20, 40), 16, resize, (20, 40))[0, 0]
+    assert back.shape == (20, 40)
+    assert (back > 0.5)[10, 27] and not (back > 0.5)[10, 15]  # the square lands where it was (crop: x 10-30 seen)
+    assert common.metric_frame(20, 40, 16) == (8, 16)
+
+
+def test_squash_warns_once_for_non_square_images(tmp_path, capsys):
+    root = make_mvtec(tmp_path / "c", n_train=2)
+    Image.new("RGB", (48, 32)).save(root / "train/good/000.png")
+    for resize in ("squash", "squash", "pad"):
+        common.load_split(str(root), "train", 16, 0, resize)
+    assert capsys.readouterr().err.count("not square") == 1
+
+
 def test_split_is_cached(toy_data):
     assert common.load_split(toy_data, "train", 16, 0) is common.load_split(toy_data, "train", 16, 0)
 
@@ -101,7 +149,7 @@ def test_missing_path(tmp_path):
 
 def test_not_a_dataset(tmp_path):
     (tmp_path / "cat" / "images").mkdir(parents=True)
-    with pytest.raises(UserError, match="neither an MVTec AD category"):
+    with pytest.raises(UserError, match="not a category in a layout .*MVTec AD 2.*BTAD.*VisA.*plain folder"):
         common.list_samples(str(tmp_path / "cat"), "train")
 
 
@@ -118,10 +166,23 @@ def test_mask_without_image(tmp_path):
         common.list_samples(str(root), "test")
 
 
-def test_anomalous_image_without_mask(tmp_path):
+def test_anomalous_image_without_mask_is_image_level(tmp_path):
     root = make_mvtec(tmp_path / "c")
     (root / "ground_truth/crack/001_mask.png").unlink()
-    with pytest.raises(UserError, match=r"001.png has no mask"):
+    samples = common.list_samples(str(root), "test")
+    assert [(Path(s.path).name, s.label, s.mask is not None) for s in samples if s.label] == \
+        [("000.png", 1, True), ("001.png", 1, False)]
+    split = common.load_split(str(root), "test", 16, 0)
+    assert split.has_mask.tolist() == [False if Path(s.path).name == "001.png" and s.label else True
+                                       for s in split.samples]
+    shutil.rmtree(root / "ground_truth")  # no masks at all
+    assert all(s.mask is None for s in common.list_samples(str(root), "test"))
+
+
+def test_mask_folder_without_test_folder(tmp_path):
+    root = make_mvtec(tmp_path / "c")
+    shutil.copytree(root / "ground_truth/crack", root / "ground_truth/scratch")
+    with pytest.raises(UserError, match=r"mask .*scratch.* has no image"):
         common.list_samples(str(root), "test")
 
 

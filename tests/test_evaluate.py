@@ -133,6 +133,7 @@ def test_gaussian_blur_matches_scipy():
 
 # ----------------------------------------------------------------------------- harness
 
+import csv  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 
@@ -239,20 +240,49 @@ def test_full_chain_three_variants_and_predict(toy_data, trained, tmp_path):
     check_variant(m2["variants"]["fair"], 12, 6)
     assert m2["params"]["fair"] == m2["variants"]["fair"]["params"] and m2["depth"] == 3
     assert list(json.loads((out / "scores.json").read_text())["scores"]) == list(m2["variants"])
-    # predict: a folder and a file, in another image mode; decisions follow the calibrated threshold
+    # predict: a folder and a file, in another image mode and size; decisions follow each variant's threshold
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     from PIL import Image
-    Image.open(next(Path(toy_data, "test", "defect").glob("*.png"))).convert("L").save(imgs / "gray.jpg")
-    rows = evaluate.main(["--predict", str(imgs), str(next(Path(toy_data, "test", "good").glob("*.png"))),
-                          "--out", str(out), "--device", "cpu"])
-    assert len(rows) == 2 and (out / "predictions" / "gray.png").is_file()
-    with open(out / "predictions" / "predictions.csv") as f:
-        import csv
-        table = list(csv.DictReader(f))
-    assert len(table) == 2
-    for r in table:
-        assert r["decision"] == ("anomalous" if float(r["score"]) > float(r["threshold"]) else "normal")
+    Image.open(next(Path(toy_data, "test", "defect").glob("*.png"))).convert("L").resize((90, 60)).save(imgs / "gray.jpg")
+    good = str(next(Path(toy_data, "test", "good").glob("*.png")))
+    folders = []
+    for variant in ("crd", "rcae", "rcae+dpn"):
+        rows = evaluate.main(["--predict", str(imgs), good, "--out", str(out), "--device", "cpu", "--variant", variant])
+        folders.append(Path(rows[0][-1]).parent)
+        assert len(rows) == 2 and folders[-1].parent == out / "predictions" and variant in folders[-1].name
+        with open(folders[-1] / "predictions.csv") as f:
+            table = list(csv.DictReader(f))
+        assert [Path(r["overlay"]).name for r in table] == ["gray.png", Path(good).name]
+        assert (table[0]["width"], table[0]["height"]) == ("90", "60")
+        assert {r["variant"] for r in table} == {variant} and len({r["threshold"] for r in table}) == 1
+        for r in table:
+            assert r["decision"] == ("anomalous" if float(r["score"]) > float(r["threshold"]) else "normal")
+            assert Path(r["overlay"]).is_file()
+        if variant == "crd":
+            assert float(table[0]["threshold"]) == cal["image_threshold"]
+        with Image.open(table[0]["overlay"]) as im:  # the 90x60 image at least at its own size, plus a colour bar
+            assert im.width > 90 and im.height > 60
+    assert len(set(folders)) == 3  # one folder per call: nothing overwritten or mixed
+    # bad input: one error each, no new folder
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    for bad, msg in ((tmp_path / "nope.png", "no such file"), (tmp_path / "empty", "no images"),
+                     (tmp_path / "notes.txt", "not an image file"), (tmp_path / "broken.png", "not a readable image")):
+        with pytest.raises(common.UserError, match=msg):
+            evaluate.main(["--predict", str(bad), "--out", str(out), "--device", "cpu"])
+    assert len(list((out / "predictions").iterdir())) == 3
+
+
+def test_predict_error_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(Path(evaluate.__file__)), "--predict", str(tmp_path / "nope.png"),
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: --predict {tmp_path / 'nope.png'}: "
+                                                                   f"no such file or folder"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_masks_resized_nearest_to_the_maps_with_one_note(capsys):
@@ -264,3 +294,108 @@ def test_masks_resized_nearest_to_the_maps_with_one_note(capsys):
     evaluate.match_masks(masks, (4, 4), note)
     assert capsys.readouterr().out.count("note: masks") == 1
     assert evaluate.match_masks(masks, (8, 8), note) is masks
+
+
+# ----------------------------------------------------------------------------- masks optional, layouts, aspect ratio
+
+
+def image_level_copy(toy_data, dest, keep_masks=0):
+    """A copy of the toy category whose anomalous images keep only their first `keep_masks` masks."""
+    shutil.copytree(toy_data, dest)
+    for m in sorted((dest / "ground_truth" / "defect").glob("*.png"))[keep_masks:]:
+        m.unlink()
+    return dest
+
+
+@pytest.mark.parametrize("keep", [0, 2])
+def test_image_level_only_dataset(toy_data, trained, tmp_path, capsys, keep):
+    data = image_level_copy(toy_data, tmp_path / "il", keep_masks=keep)
+    evaluate.main(["--data", str(data), "--out", str(trained), *FAST])
+    m = json.loads((trained / "metrics.json").read_text())
+    v = m["variants"]["rcae"]
+    assert (m["n_images"], m["n_anomalous"], m["n_pixel_images"], m["n_pixel_anomalous"]) == (12, 6, 6 + keep, keep)
+    assert v["i_auroc"] is not None and v["best_f1"] is not None
+    if keep:
+        assert v["p_auroc"] is not None and v["aupro"] is not None
+    else:
+        assert v["p_auroc"] is None and v["aupro"] is None
+    cap = capsys.readouterr()
+    assert "have no mask" in cap.err or "has a mask" in cap.err
+    assert f"over the {6 + keep} of 12 images with pixel ground truth" in cap.out
+
+
+def test_folder_of_image_level_categories(toy_data, trained, tmp_path):
+    root = tmp_path / "cats"
+    image_level_copy(toy_data, root / "alpha")
+    image_level_copy(toy_data, root / "beta", keep_masks=3)
+    results = tmp_path / "results"
+    for cat in ("alpha", "beta"):
+        (results / cat).mkdir(parents=True)
+        shutil.copy(trained / "stage1_rcae.pt", results / cat)
+    evaluate.main(["--data", str(root), "--out", str(results), *FAST])
+    md = (results / "results.md").read_text()
+    assert "- alpha: 6 of 12 images (0 of 6 anomalous images have a mask)" in md
+    assert "- beta: 9 of 12 images (3 of 6 anomalous images have a mask)" in md
+
+
+def test_only_anomalous_test_split_reports_null_with_a_warning(toy_data, trained, tmp_path, capsys):
+    data = tmp_path / "bad_only"
+    shutil.copytree(toy_data, data)
+    shutil.rmtree(data / "test" / "good")
+    evaluate.main(["--data", str(data), "--out", str(trained), *FAST])
+    v = json.loads((trained / "metrics.json").read_text())["variants"]["rcae"]
+    assert all(v[k] is None for k in ("i_auroc", "best_f1"))
+    assert "only anomalous images" in capsys.readouterr().err
+
+
+def test_empty_test_split_is_an_error_and_writes_nothing(toy_data, trained, tmp_path):
+    data = tmp_path / "empty"
+    shutil.copytree(toy_data, data)
+    for d in ("good", "defect"):
+        shutil.rmtree(data / "test" / d)
+    shutil.rmtree(data / "ground_truth")
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(trained / "stage1_rcae.pt", out)
+    with pytest.raises(common.UserError, match="no test images"):
+        evaluate.main(["--data", str(data), "--out", str(out), *FAST])
+    assert sorted(p.name for p in out.iterdir()) == ["stage1_rcae.pt"]
+
+
+def test_mask_without_image_is_an_error(toy_data, trained, tmp_path):
+    data = tmp_path / "orphan"
+    shutil.copytree(toy_data, data)
+    next((data / "test" / "defect").glob("*.png")).unlink()
+    with pytest.raises(common.UserError, match="has no image"):
+        evaluate.main(["--data", str(data), "--out", str(trained), *FAST])
+
+
+@pytest.mark.parametrize("layout", ["mvtec_ad2", "btad", "folder"])
+def test_other_layouts_evaluate(trained, tmp_path, layout):
+    data = common.make_synthetic_category(tmp_path / layout, size=64, n_train=4, n_test_good=3, n_test_bad=3,
+                                          layout=layout)
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(trained / "stage1_rcae.pt", out)
+    evaluate.main(["--data", data, "--out", str(out), *FAST])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_anomalous"] == 3 and m["n_pixel_anomalous"] == 3
+    assert m["variants"]["rcae"]["p_auroc"] is not None
+
+
+@pytest.mark.parametrize("resize", ["pad", "crop"])
+def test_non_square_images_keep_their_aspect_ratio(tmp_path, resize):
+    from PIL import Image
+    data = Path(common.make_synthetic_category(tmp_path / "wide", size=64, n_train=8, n_test_good=3, n_test_bad=3))
+    for p in data.rglob("*.png"):  # 64 x 96: wider than high, masks alike
+        im = Image.open(p)
+        im.resize((96, 64), Image.NEAREST if "ground_truth" in str(p) else Image.BILINEAR).save(p)
+    out = tmp_path / "out"
+    stage1_rcae.main(quick_args(str(data), out, resize=resize))
+    evaluate.main(["--data", str(data), "--out", str(out), *FAST])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["resize"] == resize and m["variants"]["rcae"]["p_auroc"] is not None
+    # the maps are compared with the masks on the image's own 2:3 grid
+    split = common.load_split(str(data), "test", 64, 0, resize)
+    gt, maps = evaluate.on_frames(split, 64, np.zeros((len(split), 64, 64), np.float32), np.arange(len(split)))
+    assert gt.shape[1:] == maps.shape[1:] == (43, 64)

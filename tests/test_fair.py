@@ -127,7 +127,7 @@ def test_unet_shapes_gradients_and_size():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     with torch.device("meta"):
         big = fair.UNet(1, 3, 128)
-    n = sum(p.numel() for p in big.parameters())
+    n = common.n_params(big)
     assert 68e6 < n < 70e6  # the published code's UNet: about 69 M at c = 128
 
 

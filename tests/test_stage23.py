@@ -363,7 +363,7 @@ def test_dpn_from_another_rcae_is_refused(chain, other_rcae, tmp_path):
     with pytest.raises(UserError, match="trained on the RcAE"):
         stage3_crd.main(quick_args(chain.data, tmp_path, image_size=None, depth=None, rcae=other_rcae,
                                    dpn=chain.out / "stage2_dpn.pt"))
-    with pytest.raises(UserError, match="trained with the rcae"):
+    with pytest.raises(UserError, match="trained on the RcAE .*--rcae"):
         stage3_crd.load_detector(chain.out, rcae=other_rcae)
 
 
