@@ -9,8 +9,9 @@ Each item's GFLOP/s is given as a share of two references:
   slow on AMD) and a large 3x3 convolution (oneDNN/cuDNN). Not a bound: an item can beat it.
 Each item is timed round-robin with the two references (item, matmul, conv, item, ...), the median
 reported, so both see the same drift of a shared machine. Then its kept memory is handed back
-(common.release_memory), so the process holds one item's working set at a time. FLOPs are counted by torch's
-FlopCounterMode (2 per multiply-add; convolutions and matmuls only, so elementwise work is "free").
+(common.release_memory), so the process holds one item's working set at a time. FLOPs are counted on one
+64 px image by torch's FlopCounterMode and scaled by the area (flops_per_image; 2 per multiply-add;
+convolutions and matmuls only, so elementwise work is "free").
 
     python -m benchmarks.speed                                  # CPU: 128, 256, 512 px
     python -m benchmarks.speed --sizes 256 1024 --device cuda   # GPU: bf16 autocast, paper size
@@ -335,6 +336,20 @@ def count_flops(fn, calls=1):
     return fc.get_total_flops() / calls
 
 
+def flops_per_image(m, size, args, device, at=64):
+    """{item: FLOPs per image}, counted on one image at `at` px and scaled by the area. Every network is
+    convolutional and `at` is a multiple of its total downsampling (2^N for RcAE, 16 for FAIR), so FLOPs are
+    linear in the batch and in H x W (tests/test_benchmarks.py checks it). Counting at full size took more
+    memory than the timed calls (FlopCounterMode: 2.8 GiB for the CRD step at 256 px, batch 1 or 8)."""
+    at = max(at, 2 ** args.depth)
+    at = at if size % at == 0 else size
+    small = argparse.Namespace(**{**vars(args), "batch_size": 1, "fair_sizes": [at] if size in args.fair_sizes else []})
+    its = items(m, at, small, device)
+    out = {k: count_flops(fn, args.depth if "stage1" in k else 1) * (size / at) ** 2 for k, (fn, _) in its.items()}
+    common.release_memory()  # the counting's blocks, of other shapes than the timed calls'
+    return out
+
+
 def argv_of(args):
     """The flags a probe child needs to rebuild the same items."""
     return ["--batch_size", str(args.batch_size), "--depth", str(args.depth), "--device", args.device,
@@ -370,10 +385,11 @@ def main(argv=None):
                 fn()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
             return
+        per_image = flops_per_image(m, size, args, device)
         for k, (fn, imgs) in its.items():
             # One item at a time, round-robin with the references, then its kept memory is handed back: the
-            # process holds one item's working set, not seven of different shapes (20 GiB at 512 px).
-            flops = count_flops(fn, 1 if "stage1" not in k else args.depth)
+            # process holds one item's working set, not the holes of seven of different shapes.
+            flops = per_image[k] * imgs
             times = round_robin({k: fn, **{r: f for r, (f, _) in refs.items()}}, args.repeats, device)
             common.release_memory()
             ref = {r: refs[r][1] / times[r] / 1e9 for r in refs}

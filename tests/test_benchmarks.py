@@ -1,6 +1,8 @@
 """The benchmark scripts run end to end (tiny sizes; their numbers are not checked here, only produced)."""
 import json
 
+import torch
+
 from benchmarks import compare, optimisations, speed
 
 
@@ -33,6 +35,18 @@ def test_compare_smoke(toy_data, tmp_path):
     assert set(rep["budget_steps"]) == {"stage1_rcae", "stage2_dpn", "stage3_crd", "fair"}
     assert rep["steps"] == rep["budget_steps"]  # every method trained exactly its share of the budget
     assert (tmp_path / "compare.md").read_text().count("\n| ") == 5
+
+
+def test_flops_scale_with_batch_and_area():
+    # the report counts FLOPs on one 64 px image and scales them; counted directly on a batch at 128 px they agree
+    args = speed.get_args(["--depth", "3", "--batch_size", "2", "--fair_sizes", "128", "--fair_base", "8"])
+    device = torch.device("cpu")
+    m = speed.models(args.depth, device, args)
+    scaled = speed.flops_per_image(m, 128, args, device)
+    direct = {k: speed.count_flops(fn, 3 if "stage1" in k else 1) / imgs
+              for k, (fn, imgs) in speed.items(m, 128, args, device).items()}
+    assert scaled.keys() == direct.keys() and "infer FAIR" in scaled
+    assert all(abs(scaled[k] - direct[k]) <= 1e-9 * direct[k] for k in direct)
 
 
 # /proc/cpuinfo of a 2-core, 4-thread AVX-512 Xeon, idling at 1.2 GHz (fields trimmed)
