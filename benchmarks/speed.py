@@ -368,8 +368,8 @@ def main(argv=None):
     if device.type == "cuda":
         model = torch.cuda.get_device_name(device)
         peak = cuda_peak(model, dtype)
-    else:  # mps: no theoretical peak, the measured references only
-        peak = read_cpu_peak(args) if device.type == "cpu" else None
+    else:
+        peak = read_cpu_peak(args) if device.type == "cpu" else None  # mps: the measured references only
         model = peak["model"] if peak else device.type
     load_start = load_average()
     print(f"device {device}: {model} ({torch.get_num_threads()} threads), load average {load_start}\n{peak_line(peak)}")
