@@ -1,10 +1,17 @@
 """Speed report: images/s and achieved GFLOP/s of each stage's training step and of inference.
 
-Every number is measured in this process against the machine's own peak, a large matmul (fp32 on CPU;
-bf16 on CUDA) timed as one more item. Items are timed round-robin (A, B, C, A, B, C, ...) and the median
-is reported, because a shared machine's speed drifts: the peak of each size sees the same drift. FLOPs
-are counted by torch's FlopCounterMode (2 per multiply-add; convolutions and matmuls only, so elementwise
-work is "free" in GFLOP/s).
+Each item's GFLOP/s is given as a share of two references:
+- the theoretical peak, the physical limit: on the CPU, cores x clock x FP32 FLOPs per cycle (vector lanes
+  x FMA units x 2) from /proc/cpuinfo, every input printed (cpu_peak; --clock_ghz and --fma_units override
+  them); on CUDA, the datasheet's dense bf16 (tf32/fp32 without autocast) TFLOP/s. No share exceeds 100%:
+  should a measurement beat it, the peak is raised to it, with a warning (within_peak).
+- the measured peak, the best this software reaches here: the faster of a large matmul (MKL on the CPU,
+  slow on AMD) and a large 3x3 convolution (oneDNN/cuDNN). Not a bound: an item can beat it.
+Each item is timed round-robin with the two references (item, matmul, conv, item, ...), the median
+reported, so both see the same drift of a shared machine. Then its kept memory is handed back
+(common.release_memory), so the process holds one item's working set at a time. FLOPs are counted on one
+64 px image by torch's FlopCounterMode and scaled by the area (flops_per_image; 2 per multiply-add;
+convolutions and matmuls only, so elementwise work is "free").
 
     python -m benchmarks.speed                                  # CPU: 128, 256, 512 px
     python -m benchmarks.speed --sizes 256 1024 --device cuda   # GPU: bf16 autocast, paper size
@@ -12,11 +19,14 @@ work is "free" in GFLOP/s).
 
 Peak memory (CPU): each item once more in a fresh process, its peak RSS above the loaded and warmed-up
 baseline, so items do not inherit each other's high-water mark; on CUDA, max_memory_allocated.
-Writes benchmarks/results/speed_<device>.json and .md (override with --out).
+Writes benchmarks/results/speed_<device>.json and .md (override with --out), with the CPU model and the
+load average at the start and the end.
 Models are the defaults of each stage at random initialisation: speed does not depend on training.
 """
 import argparse
 import json
+import os
+import re
 import resource
 import statistics
 import subprocess
@@ -48,6 +58,10 @@ def get_args(argv=None):
     p.add_argument("--fair_sizes", type=int, nargs="+", default=[256], help="sizes at which FAIR is timed")
     p.add_argument("--fair_base", type=int, default=128, help="FAIR UNet base width (paper: 128)")
     p.add_argument("--fair_batch", type=int, default=2, help="FAIR batch (it is ~70x larger than RcAE)")
+    p.add_argument("--clock_ghz", type=float, default=None,
+                   help="CPU clock for the theoretical peak (default: highest of cpufreq max, cpu MHz, model name)")
+    p.add_argument("--fma_units", type=int, default=None,
+                   help="FP32 vector FMA units per core for the theoretical peak (default: by ISA, see VECTOR_ISAS)")
     p.add_argument("--profile", default=None, help="print the torch.profiler table of this item and exit")
     p.add_argument("--memory", type=int, default=1, help="also measure each item's peak RSS in a subprocess (1/0)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one item's memory, in a child
@@ -71,16 +85,110 @@ def round_robin(fns, repeats, device):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def matmul_item(device, calls=8):
-    """(fn, FLOPs per call) of a large square matmul, fp32 on CPU, bf16 on CUDA: the machine's peak. It is
-    timed round-robin with the items, so the peak and the items see the same drift of a shared machine."""
-    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+# --- the machine's peak
+# FP32 lanes of a core's widest vector FMA and its FMA units, by the first flag found (x86 `flags`, Arm
+# `Features` in /proc/cpuinfo). The units are the most that cores of that ISA have, so the peak stays an upper
+# bound: 2 for AVX-512 (Skylake-SP to Sapphire Rapids; some Xeon Silver/Bronze have 1) and for AVX2 (Haswell
+# on, AMD Zen), 4 for NEON (Neoverse V1/V2, Apple M; Neoverse N1 has 2). --fma_units overrides them.
+VECTOR_ISAS = [("avx512f", "AVX-512", 16, 2), ("avx2", "AVX2", 8, 2), ("asimd", "NEON", 4, 4)]
 
-    def fn():
-        for _ in range(calls):
-            a @ b
-    return fn, 2 * n ** 3 * calls
+# Dense TFLOP/s from NVIDIA's datasheets (bf16 and tf32 on tensor cores, fp32 on CUDA cores), by name; the
+# first key found in torch.cuda.get_device_name wins. Other GPUs: the measured references only.
+CUDA_SPECS = {"H100 PCIe": (756, 378, 51), "H100 NVL": (835, 418, 60), "H100": (989, 495, 67),
+              "H200": (989, 495, 67), "A100": (312, 156, 19.5), "L4": (121, 60, 30.3), "RTX 4090": (165, 83, 83)}
+
+
+def cpu_peak(cpuinfo, threads, affinity, max_mhz=None, clock_ghz=None, fma_units=None):
+    """Theoretical FP32 FMA peak of the cores torch uses: cores x clock x FLOPs per cycle, from the text of
+    /proc/cpuinfo; a dict of the result and every input. `affinity`: the logical CPUs this process may run
+    on; hyperthreads of one core share its FMA units, so physical cores count. The clock is the highest
+    known: `max_mhz` (cpufreq's boost limit), `cpu MHz`, the model name's "@ 2.60GHz", unless `clock_ghz`
+    is given. None where no clock is known (pass --clock_ghz)."""
+    cpus = []  # one dict per logical CPU this process may run on
+    for block in cpuinfo.split("\n\n"):
+        cpu = dict(map(str.strip, line.split(":", 1)) for line in block.splitlines() if ":" in line)
+        if cpu.get("processor", "").isdigit() and int(cpu["processor"]) in affinity:
+            cpus.append(cpu)
+    if not cpus:
+        return None
+    first = cpus[0]
+    model = first.get("model name") or first.get("Hardware") or first.get("CPU part", "unknown")
+    flags = set((first.get("flags") or first.get("Features", "")).split())
+    isa, lanes, units = next(((name, n, u) for flag, name, n, u in VECTOR_ISAS if flag in flags), ("scalar/SSE", 4, 2))
+    if isa == "AVX-512" and first.get("vendor_id") == "AuthenticAMD" and first.get("cpu family") == "25":
+        units = 1  # Zen 4 runs AVX-512 on its two 256-bit FMA units: one 512-bit FMA per cycle
+    physical = {(c.get("physical id"), c.get("core id", c["processor"])) for c in cpus}
+    name_ghz = re.search(r"@ *([0-9.]+) *GHz", model)
+    clocks = {"cpufreq max": max_mhz and max_mhz / 1000,
+              "cpu MHz": max((float(c["cpu MHz"]) / 1000 for c in cpus if "cpu MHz" in c), default=None),
+              "model name": name_ghz and float(name_ghz.group(1))}
+    src, ghz = ("--clock_ghz", clock_ghz) if clock_ghz else max(clocks.items(), key=lambda c: c[1] or 0)
+    if not ghz:
+        return None
+    units = fma_units or units
+    cores = min(threads, len(physical))
+    return dict(model=model, isa=isa, cores=cores, clock_ghz=ghz, clock_source=src, fp32_lanes=lanes,
+                fma_units=units, flops_per_cycle=2 * lanes * units, gflops=cores * ghz * 2 * lanes * units)
+
+
+def read_cpu_peak(args):
+    """cpu_peak of this machine (Linux); None elsewhere."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    affinity = os.sched_getaffinity(0)
+    khz = [int(f.read_text()) for i in affinity
+           if (f := Path(f"/sys/devices/system/cpu/cpu{i}/cpufreq/cpuinfo_max_freq")).exists()]
+    return cpu_peak(cpuinfo, torch.get_num_threads(), affinity, max(khz) / 1000 if khz else None,
+                    args.clock_ghz, args.fma_units)
+
+
+def cuda_peak(name, dtype):
+    """The datasheet's dense peak of this GPU for the items' dtype (tf32 where cuDNN may use it for fp32)."""
+    spec = next((v for k, v in CUDA_SPECS.items() if k in name), None)
+    if spec is None:
+        return None
+    kind = "bf16" if dtype == torch.bfloat16 else "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+    return dict(model=name, dtype=kind, source="NVIDIA datasheet, dense", bf16_tflops=spec[0], tf32_tflops=spec[1],
+                fp32_tflops=spec[2], gflops=1000 * spec[("bf16", "tf32", "fp32").index(kind)])
+
+
+def within_peak(peak, best):
+    """The theoretical peak, raised to `best` (the best GFLOP/s measured) where that is higher: the clock ran
+    above the one read (turbo), or the core has more FMA units than assumed. Shares then stay at most 100%."""
+    if peak is None or best <= peak["gflops"]:
+        return peak
+    print(f"warning: measured {best:.1f} GFLOP/s is above the theoretical peak {peak['gflops']:.1f}; the peak is "
+          "raised to it (check --clock_ghz and --fma_units)", flush=True)
+    out = {**peak, "gflops": best, "raised_from_gflops": peak["gflops"]}
+    if "clock_ghz" in peak:
+        out["clock_ghz"] = best / (peak["cores"] * peak["flops_per_cycle"])
+        out["clock_source"] += ", raised to match the measurement"
+    return out
+
+
+def reference_items(device, dtype):
+    """{name: (fn, FLOPs per call)}: a large square matmul and a large 3x3 convolution (oneDNN on the CPU,
+    cuDNN on CUDA, channels_last), the best measured speeds of this machine for the items' dtype. They are
+    timed round-robin with each item, so they see the same drift of a shared machine."""
+    cpu = device.type == "cpu"
+    n, mm_calls = (2048, 3) if cpu else (8192, 8)
+    (b, c, s), conv_calls = ((8, 256, 64), 1) if cpu else ((64, 512, 64), 8)
+    a, w = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(device, dtype, memory_format=torch.channels_last)
+    x = torch.randn(b, c, s, s, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def matmul():
+        for _ in range(mm_calls):
+            a @ w
+
+    @torch.inference_mode()
+    def convolution():
+        for _ in range(conv_calls):
+            conv(x)
+    return {"matmul": (matmul, 2 * n ** 3 * mm_calls), "conv": (convolution, 2 * b * c * c * 9 * s * s * conv_calls)}
 
 
 def sync(device):
@@ -228,6 +336,20 @@ def count_flops(fn, calls=1):
     return fc.get_total_flops() / calls
 
 
+def flops_per_image(m, size, args, device, at=64):
+    """{item: FLOPs per image}, counted on one image at `at` px and scaled by the area. Every network is
+    convolutional and `at` is a multiple of its total downsampling (2^N for RcAE, 16 for FAIR), so FLOPs are
+    linear in the batch and in H x W (tests/test_benchmarks.py checks it). Counting at full size took more
+    memory than the timed calls (FlopCounterMode: 2.8 GiB for the CRD step at 256 px, batch 1 or 8)."""
+    at = max(at, 2 ** args.depth)
+    at = at if size % at == 0 else size
+    small = argparse.Namespace(**{**vars(args), "batch_size": 1, "fair_sizes": [at] if size in args.fair_sizes else []})
+    its = items(m, at, small, device)
+    out = {k: count_flops(fn, args.depth if "stage1" in k else 1) * (size / at) ** 2 for k, (fn, _) in its.items()}
+    common.release_memory()  # the counting's blocks, of other shapes than the timed calls'
+    return out
+
+
 def argv_of(args):
     """The flags a probe child needs to rebuild the same items."""
     return ["--batch_size", str(args.batch_size), "--depth", str(args.depth), "--device", args.device,
@@ -242,10 +364,18 @@ def main(argv=None):
     m = models(args.depth, device, args)
     if args.probe:
         return probe(args, device, m, args.sizes[0])
-    print(f"device {device} ({torch.get_num_threads()} threads)")
-    matmul, matmul_flops = matmul_item(device)
+    dtype = torch.bfloat16 if device.type == "cuda" and args.amp else torch.float32
+    if device.type == "cuda":
+        model = torch.cuda.get_device_name(device)
+        peak = cuda_peak(model, dtype)
+    else:
+        peak = read_cpu_peak(args) if device.type == "cpu" else None  # mps: the measured references only
+        model = peak["model"] if peak else device.type
+    load_start = load_average()
+    print(f"device {device}: {model} ({torch.get_num_threads()} threads), load average {load_start}\n{peak_line(peak)}")
+    refs = reference_items(device, dtype)
     params = {k: common.n_params(v) for k, v in m.items()}
-    rows, peaks = [], []
+    rows = []
     for size in args.sizes:
         its = items(m, size, args, device)
         if args.profile:
@@ -255,29 +385,36 @@ def main(argv=None):
                 fn()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
             return
-        flops = {k: count_flops(fn, 1 if "stage1" not in k else args.depth) for k, (fn, _) in its.items()}
-        common.release_memory()  # the counting pass's blocks (the round robin below peaks near 21 GiB at 512 px)
-        times = round_robin({**{k: fn for k, (fn, _) in its.items()}, "matmul": matmul}, args.repeats, device)
-        peak = matmul_flops / times["matmul"] / 1e9
-        peaks.append(peak)
-        print(f"{size:5d}px  matmul peak {peak:.1f} GFLOP/s, timed round-robin with the items", flush=True)
-        common.release_memory()  # before the memory probes' child processes, and the next size's items
-        for k, (_, imgs) in its.items():
-            t = times[k]
-            gflops = flops[k] / t / 1e9
+        per_image = flops_per_image(m, size, args, device)
+        for k, (fn, imgs) in its.items():
+            # One item at a time, round-robin with the references, then its kept memory is handed back: the
+            # process holds one item's working set, not the holes of seven of different shapes.
+            flops = per_image[k] * imgs
+            times = round_robin({k: fn, **{r: f for r, (f, _) in refs.items()}}, args.repeats, device)
+            common.release_memory()
+            ref = {r: refs[r][1] / times[r] / 1e9 for r in refs}
             mem = peak_mb(k, size, argv_of(args)) if args.memory and device.type == "cpu" else None
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-                its[k][0]()
+                fn()
                 mem = torch.cuda.max_memory_allocated(device) / 2 ** 20
-            rows.append(dict(item=k, size=size, batch=imgs, images_per_s=round(imgs / t, 3),
-                             matmul_peak_gflops=round(peak, 1), gflop_per_image=round(flops[k] / imgs / 1e9, 3),
-                             gflop_per_s=round(gflops, 1),
-                             pct_of_peak=round(100 * gflops / peak, 1), peak_mem_mb=None if mem is None else round(mem, 1)))
-            print(f"{size:5d}px  {k:24s} {imgs / t:9.2f} img/s  {flops[k] / imgs / 1e9:8.2f} GFLOP/img  "
-                  f"{gflops:7.1f} GFLOP/s  {100 * gflops / peak:5.1f}% of peak  {mem or 0:7.0f} MiB", flush=True)
-    report = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
-                  f"cpu x{torch.get_num_threads()} threads", matmul_peak_gflops=round(statistics.median(peaks), 1),
+            gflops = flops / times[k] / 1e9
+            rows.append(dict(item=k, size=size, batch=imgs, images_per_s=round(imgs / times[k], 3),
+                             gflop_per_image=round(flops / imgs / 1e9, 3), gflop_per_s=round(gflops, 1),
+                             matmul_gflops=round(ref["matmul"], 1), conv_gflops=round(ref["conv"], 1),
+                             pct_of_measured=round(100 * gflops / max(ref.values()), 1),
+                             peak_mem_mb=None if mem is None else round(mem, 1)))
+            of_peak = f"{100 * gflops / peak['gflops']:5.1f}% of theoretical, " if peak else ""
+            print(f"{size:5d}px  {k:24s} {imgs / times[k]:9.2f} img/s  {flops / imgs / 1e9:8.2f} GFLOP/img  "
+                  f"{gflops:7.1f} GFLOP/s  {of_peak}{rows[-1]['pct_of_measured']:5.1f}% of measured (matmul "
+                  f"{ref['matmul']:.0f}, conv {ref['conv']:.0f})  {mem or 0:7.0f} MiB", flush=True)
+    measured = {r: statistics.median(row[f"{r}_gflops"] for row in rows) for r in refs}
+    peak = within_peak(peak, max(max(row[f"{r}_gflops"], row["gflop_per_s"]) for row in rows for r in refs))
+    for row in rows:
+        row["pct_of_theoretical"] = round(100 * row["gflop_per_s"] / peak["gflops"], 1) if peak else None
+    report = dict(device=str(device), device_name=f"{model}, {torch.get_num_threads()} threads",
+                  load_average={"start": load_start, "end": load_average()},
+                  theoretical_peak=peak, measured_peak_gflops={k: round(v, 1) for k, v in measured.items()},
                   params=params,
                   settings={k: getattr(args, k) for k in ("batch_size", "depth", "amp", "channels_last", "compile")},
                   rows=rows)
@@ -286,17 +423,38 @@ def main(argv=None):
     tag = f"{device.type}" + ("_cl" if args.channels_last else "") + ("_compile" if args.compile else "")
     (out / f"speed_{tag}.json").write_text(json.dumps(report, indent=1))
     md = [f"device: {report['device_name']}; batch {args.batch_size} (FAIR {min(args.fair_batch, args.batch_size)}), "
-          f"N = {args.depth}; matmul peak (GFLOP/s, timed round-robin with the items) "
-          + ", ".join(f"{s} px: {p:.1f}" for s, p in zip(args.sizes, peaks)), "",
-          "| size | item | images/s | GFLOP/image | GFLOP/s | % of matmul peak | peak memory MiB |",
-          "|---|---|---|---|---|---|---|"]
+          f"N = {args.depth}; load average (1, 5, 15 min) {load_start} at the start, {report['load_average']['end']} "
+          "at the end", "", peak_line(peak),
+          "measured (median GFLOP/s over the items' round robins): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in measured.items()), "",
+          "| size | item | images/s | GFLOP/image | GFLOP/s | % of theoretical peak | % of measured peak "
+          "| peak memory MiB |", "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['size']} | {r['item']} | {r['images_per_s']} | {r['gflop_per_image']} | {r['gflop_per_s']} | "
-           f"{r['pct_of_peak']} | {'' if r['peak_mem_mb'] is None else round(r['peak_mem_mb'])} |" for r in rows]
-    md += ["", "peak memory: CPU, peak RSS of one call in a fresh process above its loaded, warmed-up baseline; "
-           "CUDA, torch.cuda.max_memory_allocated of one call"]
+           f"{'' if r['pct_of_theoretical'] is None else r['pct_of_theoretical']} | {r['pct_of_measured']} | "
+           f"{'' if r['peak_mem_mb'] is None else round(r['peak_mem_mb'])} |" for r in rows]
+    md += ["", "% of measured peak: against the faster of the matmul and the convolution timed round-robin with that "
+           "item", "", "peak memory: CPU, peak RSS of one call in a fresh process above its loaded, warmed-up "
+           "baseline; CUDA, torch.cuda.max_memory_allocated of one call"]
     md += ["", "parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items())]
     (out / f"speed_{tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+
+
+def load_average():
+    """The 1, 5 and 15 minute load averages: how busy the machine was around the timings."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def peak_line(peak):
+    """The theoretical peak and the numbers it comes from, for the report."""
+    if peak is None:
+        return "theoretical peak: unknown here (no clock in /proc/cpuinfo, or a GPU without a datasheet entry)"
+    if "clock_ghz" not in peak:
+        return (f"theoretical peak: {peak['gflops'] / 1000:.0f} TFLOP/s {peak['dtype']} ({peak['source']}; bf16 "
+                f"{peak['bf16_tflops']}, tf32 {peak['tf32_tflops']}, fp32 {peak['fp32_tflops']} TFLOP/s)")
+    return (f"theoretical FP32 peak: {peak['gflops']:.1f} GFLOP/s = {peak['cores']} cores x "
+            f"{peak['clock_ghz']:.2f} GHz ({peak['clock_source']}) x {peak['flops_per_cycle']} FLOP/cycle "
+            f"({peak['isa']}: {peak['fp32_lanes']} lanes x {peak['fma_units']} FMA units x 2)")
 
 
 if __name__ == "__main__":
