@@ -512,6 +512,28 @@ INHERITED = ("image_size", "depth", "holdout", "resize")  # settings a downstrea
 BEFORE_FLAG = {"resize": "squash"}  # what a checkpoint written before a flag existed did
 
 
+# Named recipes: the defaults of each stage's flags that a recipe changes (explicit flags still win).
+# "paper" is the paper's settings (1024 px, lr 1e-4, 1500/400/300 epochs: days on a CPU). "cpu" is the
+# recipe measured on this project's 2-core CPU (README, "Results"): 128 px, lr 1e-3, the step budget of the
+# README's 10-minute comparison. Its reasons are in the README's "Reading the paper".
+RECIPES = {
+    "paper": {},
+    "cpu": {"stage1_rcae": dict(image_size=128, lr=1e-3, max_steps=1758),
+            "stage2_dpn": dict(lr=1e-3, max_steps=263),
+            "stage3_crd": dict(max_steps=258)},
+}
+
+
+def parse_args(p, argv, stage):
+    """Parse a stage's flags: the --recipe's defaults first, then what was given explicitly; validated."""
+    args = p.parse_args(argv)
+    recipe = RECIPES[getattr(args, "recipe", "paper")].get(stage, {})
+    if recipe:
+        p.set_defaults(**recipe)
+        args = p.parse_args(argv)
+    return finish_args(args)
+
+
 def add_shared_args(p, recursion=True, upstream=False, **defaults):
     """The flags every stage shares (names fixed: later stages, evaluate and the checks rely on them).
 
@@ -534,6 +556,9 @@ def add_shared_args(p, recursion=True, upstream=False, **defaults):
                    help="batch-making worker processes (and image-decoding threads); default: 0 when training "
                         "on the CPU, where workers compete with the compute threads (x0.78 measured), else 4")
     if recursion:
+        g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
+                       help="named defaults: paper (the paper's settings) or cpu (128 px, lr 1e-3, the README's "
+                            "10-minute step budget); explicit flags override either")
         g = p.add_argument_group("model")
         g.add_argument("--depth", type=int, default=d["depth"], help="recursion depth N (paper: 5)")
     g = p.add_argument_group("optimisation")

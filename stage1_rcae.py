@@ -38,9 +38,10 @@ def get_args(argv=None):
     g.add_argument("--norm", choices=["none", "instance"], default="none",
                    help="normalisation after each hidden conv of E and D (paper: not given; the first author's "
                         "earlier code used InstanceNorm)")
-    g.add_argument("--input_norm", type=int, default=0,
+    g.add_argument("--input_norm", type=int, default=1, choices=[0, 1],
                    help="1: standardise the input with the training images' per-channel mean/std and undo it on "
-                        "the output, so the scale of the intensities does not matter (paper: not given)")
+                        "the output, so the scale of the intensities does not matter (paper: not given; 0 = raw "
+                        "[0, 1] input. Adopted: it won on both development categories, README 'Results')")
     g.add_argument("--out_act", choices=["none", "sigmoid"], default="none",
                    help="activation of the final reconstruction (paper: not given)")
     g = p.add_argument_group("augmentation (stage 1)")
@@ -49,7 +50,7 @@ def get_args(argv=None):
     g.add_argument("--anomaly_size", choices=common.ANOMALY_SIZES, default="scaled",
                    help="pseudo-anomaly sizes: the paper's 32-128 px blocks scaled by image_size/1024, in pixels "
                         "of this resolution, or relative to the image (see common.pseudo_anomaly)")
-    return common.finish_args(p.parse_args(argv))
+    return common.parse_args(p, argv, STAGE)
 
 
 # ----------------------------------------------------------------------------- model

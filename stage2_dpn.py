@@ -39,7 +39,7 @@ def get_args(argv=None):
     g.add_argument("--width", type=int, default=32, help="hidden width of the DPN autoencoder (paper: not given)")
     g = p.add_argument_group("upstream (stage 2)")
     g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen; None = <out>/stage1_rcae.pt")
-    return common.finish_args(p.parse_args(argv))
+    return common.parse_args(p, argv, STAGE)
 
 
 def upstream_rcae(args):

@@ -67,7 +67,7 @@ def get_args(argv=None):
     g = p.add_argument_group("upstream (stage 3)")
     g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen; None = <out>/stage1_rcae.pt")
     g.add_argument("--dpn", default=None, help="stage-2 checkpoint of the same RcAE, frozen; None = <out>/stage2_dpn.pt")
-    args = common.finish_args(p.parse_args(argv))
+    args = common.parse_args(p, argv, STAGE)
     if not 0 < args.topk_frac <= 1:
         raise UserError(f"--topk_frac must be in (0, 1] (got {args.topk_frac})")
     for k in ("threshold_quantile", "anomaly_prob"):
@@ -213,7 +213,10 @@ def crd_loss(logits, mask, kind="l2"):
     the squared norm, averaged like Eq. (5) and (7)). kind "bce" / "focal" replace the mask term by binary
     cross-entropy / focal loss (gamma 2) on the logits, which keep a gradient where the sigmoid saturates.
     logits, mask (B, 1, H, W). Returns (total, parts)."""
-    pred = torch.sigmoid(logits)  # M_A
+    # M_A. Past |logit| 30 the sigmoid's slope is below 1e-13: clamping there changes no gradient that
+    # matters, and keeps a saturated L2 from sending denormal floats through the backward pass, which the
+    # CPU's worker threads (not flushed to zero) then run many times slower (258 steps: 4 min -> 30 min)
+    pred = torch.sigmoid(logits.clamp(-30, 30))
     mse_grad = (grad(pred) - grad(mask)).pow(2).mean()  # (B, 2, H, W) gradient maps
     if kind == "l2":
         term = (pred - mask).pow(2).mean()

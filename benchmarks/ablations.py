@@ -15,6 +15,7 @@ Writes <out>/ablation_<study>.md and .json (out: runs/ablations).
 """
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +41,28 @@ STUDIES = {
         ("sigmoid output", {"stage1_rcae": ["--out_act", "sigmoid"]}),
         ("width 64", {"stage1_rcae": ["--width", "64"]}),
     ]),
+    # the CPU recipe's learning rate, then one more change per row
+    "stage1_cpu": dict(stages=["stage1_rcae"], base={"stage1_rcae": ["--depth", "5", "--lr", "1e-3"]}, rows=[
+        ("lr 1e-3 (N=5)", {}),
+        ("lr 1e-3, input standardised", {"stage1_rcae": ["--input_norm", "1"]}),
+        ("lr 1e-3, N=2", {"stage1_rcae": ["--depth", "2"]}),
+        ("lr 1e-3, sigmoid output", {"stage1_rcae": ["--out_act", "sigmoid"]}),
+    ]),
+    # what makes CRD detect (issue 11): stages 1-2 trained once per category ("upstream", the CPU recipe's
+    # stage 1), then every row trains only CRD on them, one change from the paper's reading per row
+    "crd": dict(stages=["stage3_crd"], upstream={"stage1_rcae": ["--lr", "1e-3", "--input_norm", "1"],
+                                                 "stage2_dpn": ["--lr", "1e-3"]},
+                base={"stage3_crd": ["--lr", "1e-4", "--loss", "l2", "--anomaly_size", "scaled"]}, rows=[
+        ("paper (L2, scaled sizes, lr 1e-4)", {}),
+        ("focal loss", {"stage3_crd": ["--loss", "focal"]}),
+        ("relative sizes", {"stage3_crd": ["--anomaly_size", "relative"]}),
+        ("lr 1e-3", {"stage3_crd": ["--lr", "1e-3"]}),
+        ("residual input", {"stage3_crd": ["--crd_input", "residual"]}),
+        ("BCE loss", {"stage3_crd": ["--loss", "bce"]}),
+        ("pixel sizes", {"stage3_crd": ["--anomaly_size", "pixels"]}),
+        ("lr 1e-3 + focal + relative sizes", {"stage3_crd": ["--lr", "1e-3", "--loss", "focal",
+                                                             "--anomaly_size", "relative"]}),
+    ]),
 }
 
 
@@ -49,11 +72,15 @@ def get_args(argv=None):
     p.add_argument("--data", nargs="+", required=True, help="one or more category folders")
     p.add_argument("--out", default="runs/ablations", help="output folder")
     p.add_argument("--image_size", type=int, default=128, help="training and test size of every row")
-    p.add_argument("--steps", default="800", help="optimiser steps per stage: one number, or one per stage (a,b,c)")
+    p.add_argument("--steps", default="800",
+                   help="optimiser steps per stage: one number, or one per stage 1,2,3 (a study of CRD alone reads "
+                        "the stage-1/2 steps for its shared upstream and the last for CRD)")
     p.add_argument("--rows", default=None, help="comma-separated row numbers to run (default: all)")
     p.add_argument("--dark", type=float, default=None, help="also run on a copy of each category scaled by this")
     p.add_argument("--test", type=int, default=0, help="1: also score every row on the test split (evaluate.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of every row")
+    p.add_argument("--report", type=int, default=0,
+                   help="1: train nothing; tabulate the rows already trained (and evaluated) under --out")
     args = p.parse_args(argv)
     args.steps = [int(s) for s in str(args.steps).split(",")]
     if any(s < 1 for s in args.steps):
@@ -83,24 +110,48 @@ def dark_copy(data, factor, root):
     return str(dst)
 
 
-def run_row(study, name, flags, data, out, args):
+MODULES = {"stage1_rcae": stage1_rcae, "stage2_dpn": stage2_dpn, "stage3_crd": stage3_crd}
+ALL = list(MODULES)
+
+
+def train_stages(stages, flags, steps, data, out, args, extra=()):
+    """Each stage's main() with the study's flags; a stage already trained to its steps is skipped by it."""
     common_flags = ["--data", data, "--out", out, "--seed", str(args.seed), "--epochs", "100000", "--log_every", "50",
-                    "--val_every", "0"]
-    steps = dict(zip(study["stages"], args.steps * len(study["stages"]) if len(args.steps) == 1 else args.steps))
-    modules = {"stage1_rcae": stage1_rcae, "stage2_dpn": stage2_dpn, "stage3_crd": stage3_crd}
-    t0 = time.time()
-    for stage in study["stages"]:
-        argv = common_flags + study["base"].get(stage, []) + flags.get(stage, []) + ["--max_steps", str(steps[stage])]
+                    "--val_every", "0", *extra]
+    for stage in stages:
+        argv = common_flags + flags.get(stage, []) + ["--max_steps", str(steps[stage])]
         if stage == "stage1_rcae":  # stages 2 and 3 inherit the size
             argv += ["--image_size", str(args.image_size)]
-        modules[stage].main(argv)
-    row = {"row": name, "data": data, "steps": steps, "minutes": round((time.time() - t0) / 60, 2)}
-    for stage in study["stages"]:
-        ck = torch.load(Path(out) / f"{stage}.pt", map_location="cpu", weights_only=True)
-        row[stage] = ck.get("val")
+        MODULES[stage].main(argv)
+
+
+def run_row(study, name, flags, data, out, args):
+    """Train one row (on its study's shared upstream, if any) and read back what it logged."""
+    t0 = time.time()
+    extra = []
+    if "upstream" in study:  # stages 1-2 once per category, shared by every row
+        up = str(Path(out).parent / "upstream")
+        ups = [s for s in ALL if s not in study["stages"]]
+        train_stages(ups, study["upstream"], dict(zip(ALL, args.steps)), data, up, args)
+        extra = ["--rcae", f"{up}/stage1_rcae.pt", "--dpn", f"{up}/stage2_dpn.pt"]
+    n = len(study["stages"])
+    steps = dict(zip(study["stages"], args.steps * n if len(args.steps) == 1 else args.steps[-n:]))
+    merged = {s: study["base"].get(s, []) + flags.get(s, []) for s in study["stages"]}
+    train_stages(study["stages"], merged, steps, data, out, args, extra)
     if args.test:
         evaluate.main(["--data", data, "--out", out, "--n_figures", "2"])
-        row["test"] = json.loads((Path(out) / "metrics.json").read_text())["variants"]
+    return read_row(study, name, data, out, minutes=round((time.time() - t0) / 60, 2))
+
+
+def read_row(study, name, data, out, **extra):
+    """What a trained row logged: each stage's validation (and steps), and the test metrics if evaluated."""
+    row = {"row": name, "data": data, **extra}
+    for stage in study["stages"]:
+        ck = torch.load(Path(out) / f"{stage}.pt", map_location="cpu", weights_only=True)
+        row[stage], row[f"{stage}_steps"] = ck.get("val"), ck["step"]
+    metrics = Path(out) / "metrics.json"
+    if metrics.is_file():
+        row["test"] = json.loads(metrics.read_text())["variants"]
     return row
 
 
@@ -117,15 +168,26 @@ def table(rows, study):
             lines.append("| " + " | ".join([r["row"], Path(r["data"]).name] + [cell(f"ratio_mean_{n}") for n in range(
                 1, depth + 1)] + [cell(f"ratio_blur_{n}") for n in range(1, depth + 1)] + [cell("psnr_1")]) + " |")
         return lines
-    head = ["row", "data", "val P-AUROC", "val AUPRO", "test I-AUROC", "test P-AUROC", "test AUPRO"]
+    head = ["row", "data", "val P-AUROC", "val AUPRO", "test I-AUROC", "test P-AUROC", "test AUPRO",
+            "rcae+dpn test P-AUROC / AUPRO"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
     for r in rows:
         val = r.get("stage3_crd") or {}
         test = (r.get("test") or {}).get("crd", {})
+        dpn = (r.get("test") or {}).get("rcae+dpn", {})
         lines.append("| " + " | ".join([r["row"], Path(r["data"]).name, pct(val.get("p_auroc")), pct(val.get("aupro")),
-                                        pct(test.get("i_auroc")), pct(test.get("p_auroc")), pct(test.get("aupro"))]) + " |")
+                                        pct(test.get("i_auroc")), pct(test.get("p_auroc")), pct(test.get("aupro")),
+                                        f"{pct(dpn.get('p_auroc'))} / {pct(dpn.get('aupro'))}"]) + " |")
     return lines
+
+
+def write_json(args, argv, results):
+    path = Path(args.out) / f"ablation_{args.study}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.ablations " + " ".join(argv if argv is not None else sys.argv[1:])
+    path.write_text(json.dumps(dict(study=args.study, image_size=args.image_size, steps=args.steps, command=command,
+                                    rows=results), indent=1))
 
 
 def main(argv=None):
@@ -142,12 +204,14 @@ def main(argv=None):
     for data in datas:
         for i, (name, flags) in rows:
             out = str(Path(args.out) / args.study / Path(data).name / f"row{i}")
-            print(f"\n=== {args.study} row {i}: {name} on {data} ({out})")
+            if args.report:
+                if all((Path(out) / f"{s}.pt").is_file() for s in study["stages"]):
+                    results.append(read_row(study, name, data, out))
+                continue
+            print(f"\n=== {args.study} row {i}: {name} on {data} ({out})", flush=True)
             results.append(run_row(study, name, flags, data, out, args))
-            res_path = Path(args.out) / f"ablation_{args.study}.json"
-            res_path.write_text(json.dumps(dict(study=args.study, image_size=args.image_size, steps=args.steps,
-                                                command="python -m benchmarks.ablations " + " ".join(
-                                                    argv or __import__("sys").argv[1:]), rows=results), indent=1))
+            write_json(args, argv, results)  # after every row: an interrupted study keeps what it has
+    write_json(args, argv, results)
     md = table(results, study)
     (Path(args.out) / f"ablation_{args.study}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -9,8 +9,14 @@ plain `main()` call with --max_steps, so no training code is duplicated here. ev
 both on the test split, and inference is timed round-robin on one batch. Peak memory is the peak RSS of
 a bare process running one inference batch of each method above its loaded baseline.
 
-    python -m benchmarks.compare --data ../shared/data/magnetic_tile --budget-min 20
-    python -m benchmarks.compare --data data/toy --budget-min 1 --image_size 64   # smoke run
+    python -m benchmarks.compare --data ../shared/data/magnetic_tile --budget_min 20
+    python -m benchmarks.compare --data ../shared/data/magnetic_tile --steps 1758,263,258,83 --image_size 128 \
+        --stage1 '--lr 1e-3' --stage2 '--lr 1e-3' --stage3 '--lr 1e-3 --loss focal --anomaly_size relative'
+    python -m benchmarks.compare --data data/toy --budget_min 1 --image_size 64   # smoke run
+
+Timing on a busy machine shrinks the budget (two torch processes on 2 cores slow each other far more than
+2x): a warning says so when the load average exceeds the cores, and --steps (four counts, or a previous
+compare.json) gives the same budget on any machine. The steps used are in the table's header.
 
 Writes <out>/compare.json and <out>/compare.md (out: runs/compare/<category>), plus everything
 evaluate.py writes for both methods (metrics.json, figures/).

@@ -3,7 +3,8 @@ import json
 
 import torch
 
-from benchmarks import compare, optimisations, speed
+import common
+from benchmarks import ablations, compare, optimisations, speed
 
 
 def test_speed_report(tmp_path):
@@ -28,13 +29,57 @@ def test_optimisations_report(tmp_path):
 
 
 def test_compare_smoke(toy_data, tmp_path):
-    compare.main(["--data", toy_data, "--out", str(tmp_path), "--budget-min", "0.02", "--image_size", "32",
+    compare.main(["--data", toy_data, "--out", str(tmp_path), "--budget_min", "0.02", "--image_size", "32",
                   "--depth", "3", "--batch_size", "2", "--fair_base", "4", "--workers", "0"])
     rep = json.loads((tmp_path / "compare.json").read_text())
     assert [r["variant"] for r in rep["rows"]] == ["crd", "rcae+dpn", "rcae", "fair"]
     assert set(rep["budget_steps"]) == {"stage1_rcae", "stage2_dpn", "stage3_crd", "fair"}
     assert rep["steps"] == rep["budget_steps"]  # every method trained exactly its share of the budget
     assert (tmp_path / "compare.md").read_text().count("\n| ") == 5
+
+
+def test_compare_explicit_steps(toy_data, tmp_path, capsys):
+    compare.main(["--data", toy_data, "--out", str(tmp_path), "--steps", "3,2,2,1", "--image_size", "32",
+                  "--depth", "3", "--batch_size", "2", "--fair_base", "4", "--workers", "0", "--stage1", "--lr 1e-3"])
+    rep = json.loads((tmp_path / "compare.json").read_text())
+    assert rep["steps"] == rep["budget_steps"] == {"stage1_rcae": 3, "stage2_dpn": 2, "stage3_crd": 2, "fair": 1}
+    assert torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["args"]["lr"] == 1e-3
+    assert "stage1_rcae 3, stage2_dpn 2, stage3_crd 2, fair 1" in (tmp_path / "compare.md").read_text()
+    assert compare.explicit_steps(str(tmp_path / "compare.json")) == rep["budget_steps"]  # reused from a run
+    for bad in ("1,2,3", "a,b,c,d", "1,2,0,4"):
+        try:
+            compare.explicit_steps(bad)
+            raise AssertionError(bad)
+        except common.UserError as e:
+            assert "four positive step counts" in str(e)
+
+
+def test_compare_warns_when_timing_on_a_busy_machine(monkeypatch, capsys):
+    monkeypatch.setattr(compare.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert compare.load_warning() == 9.0
+    assert "load average 9.0 exceeds" in capsys.readouterr().err
+    monkeypatch.setattr(compare.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    compare.load_warning()
+    assert capsys.readouterr().err == ""
+
+
+def test_ablations_smoke(toy_data, tmp_path):
+    out = str(tmp_path)
+    ablations.main(["--study", "stage1", "--data", toy_data, "--out", out, "--image_size", "32", "--steps", "2",
+                    "--rows", "0,2", "--dark", "0.25"])
+    rep = json.loads((tmp_path / "ablation_stage1.json").read_text())
+    assert [(r["row"], r["data"].endswith("x0.25")) for r in rep["rows"]] == [
+        ("paper (N=5, lr 1e-4)", False), ("lr 1e-3", False), ("paper (N=5, lr 1e-4)", True), ("lr 1e-3", True)]
+    assert all("ratio_mean_5" in r["stage1_rcae"] for r in rep["rows"])
+    ablations.main(["--study", "crd", "--data", toy_data, "--out", out, "--image_size", "32", "--steps", "2,2,3",
+                    "--rows", "0,1", "--test", "1"])
+    rep = json.loads((tmp_path / "ablation_crd.json").read_text())
+    assert [r["stage3_crd_steps"] for r in rep["rows"]] == [3, 3]
+    assert all({"p_auroc", "aupro"} <= set(r["stage3_crd"]) and "crd" in r["test"] for r in rep["rows"])
+    md = (tmp_path / "ablation_crd.md").read_text()
+    assert "| focal loss | toy |" in md
+    again = ablations.main(["--study", "crd", "--data", toy_data, "--out", out, "--rows", "0,1", "--report", "1"])
+    assert again is None and (tmp_path / "ablation_crd.md").read_text() == md  # nothing retrained, same table
 
 
 def test_flops_scale_with_batch_and_area():

@@ -65,7 +65,7 @@ def test_two_step_run_writes_checkpoint_that_reloads(toy_data, tmp_path):
     model, ck = stage1_rcae.load_rcae(out / "stage1_rcae.pt")
     assert ck["stage"] == "stage1_rcae" and ck["step"] == 2
     assert ck["model_config"] == {"channels": 3, "width": 32, "depth": 3, "image_size": 64, "norm": "none",
-                                  "input_norm": 0, "out_act": "none"}
+                                  "input_norm": 1, "out_act": "none"}
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     rebuilt = RcAE(Config(**ck["model_config"]))
     rebuilt.load_state_dict(ck["model"])
@@ -218,3 +218,15 @@ def test_block_norm_and_output_activation(norm, out_act):
         assert sum(isinstance(m, torch.nn.InstanceNorm2d) for m in model.modules()) == 6
     recon_loss(y, x)[0].backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_cpu_recipe_sets_defaults_and_explicit_flags_win(toy_data):
+    paper = stage1_rcae.get_args(["--data", toy_data])
+    assert (paper.image_size, paper.lr, paper.max_steps) == (1024, 1e-4, None)  # the paper's settings
+    cpu = stage1_rcae.get_args(["--data", toy_data, "--recipe", "cpu"])
+    assert (cpu.image_size, cpu.lr, cpu.max_steps) == (128, 1e-3, 1758)
+    mine = stage1_rcae.get_args(["--data", toy_data, "--recipe", "cpu", "--lr", "5e-4", "--image_size", "64"])
+    assert (mine.image_size, mine.lr, mine.max_steps) == (64, 5e-4, 1758)
+    import stage3_crd
+    crd = stage3_crd.get_args(["--data", toy_data, "--recipe", "cpu"])
+    assert crd.image_size is None and crd.max_steps == common.RECIPES["cpu"]["stage3_crd"]["max_steps"]  # inherited size
