@@ -65,14 +65,16 @@ STUDIES["table2"] = dict(stages=CHAIN, base={}, paper="table2", columns=["RcAE",
     (("✓", "✓", "✗"), {}, "rcae+dpn", ("table2", "rows", 2)),
     (("✓", "✓", "✓"), {}, "crd", ("table2", "rows", 3)),
 ])
-STUDIES["table4"] = dict(stages=CHAIN, base={}, paper="table4", columns=["Model", "Skip Conn.", "Shared Weights"], rows=[
+STUDIES["table4"] = dict(stages=CHAIN, base={}, paper="table4", columns=["Model", "Skip Conn.", "Shared Weights"],
+                         rows=[
     (("ConvAE", "✓", "✗"), {"stage1_rcae": CONVAE}, "rcae", ("table4", "rows", 0)),
     (("ConvAE", "✗", "✗"), {"stage1_rcae": CONVAE + ["--skip", "0"]}, "rcae", ("table4", "rows", 1)),
     (("RcAE", "✗", "✓"), {"stage1_rcae": ["--skip", "0"]}, "crd", ("table4", "rows", 2)),
     (("RcAE", "✓", "✗"), {"stage1_rcae": ["--share", "0"]}, "crd", ("table4", "rows", 3)),
     (("RcAE", "✓", "✓"), {}, "crd", ("table4", "rows", 4)),
 ])
-STUDIES["table5"] = dict(stages=CHAIN, base={}, paper="table5", columns=["Method", "Training Data Percentage"], pivot=True, rows=[
+STUDIES["table5"] = dict(stages=CHAIN, base={}, paper="table5", columns=["Method", "Training Data Percentage"],
+                         pivot=True, rows=[
     ((method, f"{f:.0%}"), {"stage1_rcae": flags + (["--train_fraction", str(f)] if f < 1 else [])}, variant,
      ("table5", "rows", m, "results", j))
     for m, (method, flags, variant) in enumerate([("ConvAE", CONVAE + ["--skip", "0"], "rcae"), ("RcAE", [], "crd")])
