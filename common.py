@@ -361,11 +361,23 @@ def holdout_indices(n, frac):
     return train, hold
 
 
+def fraction_indices(n, frac):
+    """The first round(n * frac) (at least 1) of a fixed permutation of range(n), sorted (paper, Table 5).
+
+    The permutation depends on n only, not on --seed: every run and every stage picks the same images, and
+    a smaller fraction is always inside a larger one (10% inside 25% inside 50% ...)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    return sorted(order[:max(1, round(n * frac))]) if n else []
+
+
 def train_images(args, part="train"):
-    """uint8 (M, 3, H, W) images of train/good: part 'train' (what every stage trains on) or 'holdout'
-    (kept out of all training, for threshold calibration)."""
+    """uint8 (M, 3, H, W) images of train/good: part 'train' (what every stage trains on: --train_fraction of
+    what the holdout leaves) or 'holdout' (kept out of all training, for threshold calibration; the same
+    images whatever --train_fraction is)."""
     split = load_split(args.data, "train", args.image_size, args.workers, getattr(args, "resize", None) or "squash")
     train, hold = holdout_indices(len(split), args.holdout)
+    frac = getattr(args, "train_fraction", None) or BEFORE_FLAG["train_fraction"]
+    train = [train[i] for i in fraction_indices(len(train), frac)]
     return split.images[train if part == "train" else hold]
 
 
@@ -508,8 +520,8 @@ def conv_cat(conv, *parts):
 # ----------------------------------------------------------------------------- runtime
 
 
-INHERITED = ("image_size", "depth", "holdout", "resize")  # settings a downstream stage takes from stage 1
-BEFORE_FLAG = {"resize": "squash"}  # what a checkpoint written before a flag existed did
+INHERITED = ("image_size", "depth", "holdout", "resize", "train_fraction")  # a downstream stage takes these from stage 1
+BEFORE_FLAG = {"resize": "squash", "train_fraction": 1.0}  # what a checkpoint written before a flag existed did
 
 
 # Named recipes: the defaults of each stage's flags that a recipe changes (explicit flags still win).
@@ -540,7 +552,8 @@ def add_shared_args(p, recursion=True, upstream=False, **defaults):
     `defaults` overrides per stage. upstream=True (stages 2 and 3) makes the INHERITED flags default to
     None, "inherit from the upstream checkpoint"; an explicit value must agree with it (see inherit).
     recursion=False leaves out --depth (the FAIR baseline has no recursion)."""
-    d = dict(image_size=1024, epochs=100, batch_size=8, lr=1e-4, depth=5, holdout=0.1, resize="squash")
+    d = dict(image_size=1024, epochs=100, batch_size=8, lr=1e-4, depth=5, holdout=0.1, resize="squash",
+             train_fraction=1.0)
     d.update({k: None for k in INHERITED} if upstream else {})
     d.update(defaults)
     g = p.add_argument_group("data")
@@ -552,6 +565,9 @@ def add_shared_args(p, recursion=True, upstream=False, **defaults):
                    help="non-square images: squash (paper), pad (letterbox) or crop (centre) to the square input")
     g.add_argument("--holdout", type=float, default=d["holdout"],
                    help="fraction of train/good kept out of training to calibrate the image threshold")
+    g.add_argument("--train_fraction", type=float, default=d["train_fraction"],
+                   help="train on this fraction of what the holdout leaves of train/good: a fixed subset, nested "
+                        "across fractions (paper, Table 5: 0.1, 0.25, 0.5, 0.75, 1)")
     g.add_argument("--workers", type=int, default=None,
                    help="batch-making worker processes (and image-decoding threads); default: 0 when training "
                         "on the CPU, where workers compete with the compute threads (x0.78 measured), else 4")
@@ -603,6 +619,8 @@ def finish_args(args):
         raise UserError(f"--max_steps must be >= 0 (got {args.max_steps})")
     if args.holdout is not None and not 0 <= args.holdout < 1:
         raise UserError(f"--holdout must be in [0, 1) (got {args.holdout})")
+    if getattr(args, "train_fraction", None) is not None and not 0 < args.train_fraction <= 1:
+        raise UserError(f"--train_fraction must be in (0, 1] (got {args.train_fraction})")
     return args
 
 

@@ -11,6 +11,18 @@ n = 1..N sharing the compression path. Training samples n from [1, N] per batch,
 pseudo anomalies part of the time, and asks for the clean image with Eq. (5): L1 on intensity + L1 on
 the first-order gradient.
 
+The paper's ablations (Tables 2, 4, 5) are the same network with three switches, each a flag, a Config
+field and a checkpoint key:
+
+    --share 0     level i has its own E_i, down_i, D_i, up_i: the stacked blocks of Eq. (2),
+                  f_deep = D_1 o ... o D_N o E_N o ... o E_1, with N times the parameters
+    --skip 0      the blocks E, D without the skip connection inside them (Table 4)
+    --arch convae a single pass through all N levels: trained and run at depth N only, no random depth.
+                  With --share 0 this is the paper's "ConvAE" (Eq. (2) trained with Eq. (1)/(5)).
+                  A ConvAE has no depth-n output for n < N, so `reconstruct_all` repeats its one
+                  reconstruction I_R^N for every depth asked: stages 2-3, evaluate.py and the
+                  notebooks run unchanged, and CRD sees no recursion dynamics (there are none).
+
 GPU (paper settings):  python stage1_rcae.py --data mvtec/bottle
 CPU smoke run:         python stage1_rcae.py --data data/toy --image_size 128 --max_steps 150 --batch_size 8
 Reads:  <data>/train/good (MVTec AD) or the VisA train split.
@@ -44,6 +56,14 @@ def get_args(argv=None):
                         "[0, 1] input. Adopted: it won on both development categories, README 'Results')")
     g.add_argument("--out_act", choices=["none", "sigmoid"], default="none",
                    help="activation of the final reconstruction (paper: not given)")
+    g.add_argument("--arch", choices=["rcae", "convae"], default="rcae",
+                   help="rcae: the recursion, depth n drawn from [1, N] per batch (Eq. (3)-(4)); convae: one pass "
+                        "through all N levels, depth N only (the paper's ConvAE of Tables 2, 4, 5 with --share 0)")
+    g.add_argument("--share", type=int, choices=[0, 1], default=1,
+                   help="1: one E and one D shared by every level (paper, Eq. (3)-(4)); 0: N independent "
+                        "blocks E_i, D_i (Eq. (2)), N times the parameters (Table 4)")
+    g.add_argument("--skip", type=int, choices=[0, 1], default=1,
+                   help="1: E and D keep the skip connection inside them (paper); 0: without it (Table 4)")
     g = p.add_argument_group("augmentation (stage 1)")
     g.add_argument("--anomaly_prob", type=float, default=0.5,
                    help="chance that a training image gets pseudo anomalies (paper: 'denoising', rate not given)")
@@ -65,6 +85,9 @@ class Config:
     norm: str = "none"  # "instance": InstanceNorm after each hidden conv of E and D
     input_norm: int = 0  # 1: standardise with the training set's per-channel mean/std (buffers), undo on output
     out_act: str = "none"  # "sigmoid": squash the reconstruction into [0, 1]
+    arch: str = "rcae"  # "convae": a single pass at depth N (Eq. (2)), no random depth
+    share: int = 1  # 1: one E, D for all levels (Eq. (3)-(4)); 0: level i's own E_i, D_i (Eq. (2))
+    skip: int = 1  # 0: E and D without their inner skip connection
 
 
 def conv(cin, cout, stride=1):
@@ -74,16 +97,18 @@ def conv(cin, cout, stride=1):
 class ConvAE(nn.Module):
     """A standard 4-layer conv autoencoder with a skip connection (a tiny U-Net); E, D and DPN are one each.
 
-    (B, cin, H, W) -> (B, cout, H, W); any H, W (the upsample matches the skip's size)."""
+    (B, cin, H, W) -> (B, cout, H, W); any H, W (the upsample matches the skip's size). skip=False drops
+    the skip connection: the last conv sees the upsampled path only."""
 
-    memory_format = torch.channels_last  # oneDNN's fast 2D layout: x1.6 on CPU (benchmarks/optimisations.py)
+    memory_format = torch.channels_last  # a speed choice only (benchmarks/README.md)
 
-    def __init__(self, cin, cout, width, norm="none"):
+    def __init__(self, cin, cout, width, norm="none", skip=True):
         super().__init__()
+        self.skip = skip
         self.enc1 = conv(cin, width)  # (B, w, H, W)
         self.enc2 = conv(width, 2 * width, stride=2)  # (B, 2w, H/2, W/2)
         self.dec2 = conv(2 * width, width)  # (B, w, H/2, W/2), then upsampled
-        self.dec1 = conv(2 * width, cout)  # skip concat (B, 2w, H, W) -> (B, cout, H, W)
+        self.dec1 = conv(2 * width if skip else width, cout)  # skip concat (B, 2w, H, W) -> (B, cout, H, W)
         make = (lambda c: nn.InstanceNorm2d(c, affine=True)) if norm == "instance" else (lambda c: nn.Identity())
         self.n1, self.n2, self.n3 = make(width), make(2 * width), make(width)
         self.act = nn.LeakyReLU(0.1)
@@ -94,19 +119,26 @@ class ConvAE(nn.Module):
         h1 = self.act(self.n1(common.conv_cat(self.enc1, *parts)))  # (B, w, H, W)
         h2 = self.act(self.n2(self.enc2(h1)))  # (B, 2w, H/2, W/2)
         u = F.interpolate(self.act(self.n3(self.dec2(h2))), size=h1.shape[-2:], mode="bilinear", align_corners=False)
-        out = common.conv_cat(self.dec1, u, h1)  # dec1 on the skip concat [u, h1]: (B, cout, H, W)
-        return out.contiguous()  # plain layout for callers: x1.3 on DPN's loss over stacked depths, and .view works
+        out = common.conv_cat(self.dec1, u, h1) if self.skip else self.dec1(u)  # on [u, h1] or u: (B, cout, H, W)
+        return out.contiguous()  # plain layout for callers (.view works; benchmarks/README.md)
 
 
 class RcAE(nn.Module):
+    """The recursion of Eq. (3)-(4); with cfg.share=0 the stacked blocks of Eq. (2), with cfg.arch="convae"
+    a single pass at depth N (see the module docstring)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         c, w = cfg.channels, cfg.width
-        self.E = ConvAE(c, c, w, cfg.norm)  # shared over all compression steps
-        self.down = nn.Conv2d(c, c, 2, stride=2)  # X_{i-1} -> X_i, halves H and W
-        self.D = ConvAE(c, c, w, cfg.norm)  # shared over all reconstruction steps
-        self.up = nn.ConvTranspose2d(c, c, 2, stride=2)  # X_{j} -> X_{j-1}, doubles H and W
+
+        def per_level(make):  # one module shared by every level (Eq. (3)-(4)), or one per level (Eq. (2))
+            return make() if cfg.share else nn.ModuleList(make() for _ in range(cfg.depth))
+
+        self.E = per_level(lambda: ConvAE(c, c, w, cfg.norm, cfg.skip))  # all compression steps
+        self.down = per_level(lambda: nn.Conv2d(c, c, 2, stride=2))  # X_{i-1} -> X_i, halves H and W
+        self.D = per_level(lambda: ConvAE(c, c, w, cfg.norm, cfg.skip))  # all reconstruction steps
+        self.up = per_level(lambda: nn.ConvTranspose2d(c, c, 2, stride=2))  # X_i -> X_{i-1}, doubles H and W
         # the training images' per-channel mean and std (set by fit_input_norm; identity until then)
         self.register_buffer("in_mean", torch.zeros(1, c, 1, 1))
         self.register_buffer("in_std", torch.ones(1, c, 1, 1))
@@ -124,32 +156,41 @@ class RcAE(nn.Module):
             y = y * self.in_std + self.in_mean
         return torch.sigmoid(y) if self.cfg.out_act == "sigmoid" else y
 
+    def level(self, modules, i):
+        """The block of level i = 1..N: the one shared module, or level i's own without sharing (Eq. (2))."""
+        return modules if self.cfg.share else modules[i - 1]
+
     def compress(self, x, n):
         """[I_C^1, ..., I_C^n]; I_C^i is (B, C, H/2^i, W/2^i)."""
         if self.cfg.input_norm:
             x = (x - self.in_mean) / self.in_std
         codes = []
-        for _ in range(n):
-            x = self.down(self.E(x))  # Eq. (3): I_C^i = E(I_C^{i-1})
+        for i in range(1, n + 1):
+            x = self.level(self.down, i)(self.level(self.E, i)(x))  # Eq. (3): I_C^i = E(I_C^{i-1})
             codes.append(x)
         return codes
 
     def reconstruct(self, code, n):
         """n reconstruction steps from a code at level n: (B, C, H/2^n, W/2^n) -> (B, C, H, W)."""
-        for _ in range(n):
-            code = self.up(self.D(code))  # Eq. (4): I_R^j = D(I_R^{j-1})
+        for i in range(n, 0, -1):  # level i -> i-1
+            code = self.level(self.up, i)(self.level(self.D, i)(code))  # Eq. (4): I_R^j = D(I_R^{j-1})
         return self.output(code)
 
     def forward(self, x, n=None):
-        """The depth-n reconstruction I_R^n of x (B, C, H, W); n defaults to N."""
+        """The depth-n reconstruction I_R^n of x (B, C, H, W); n defaults to N (a ConvAE has depth N only)."""
         n = n or self.cfg.depth
+        if self.cfg.arch == "convae" and n != self.cfg.depth:
+            raise ValueError(f"a ConvAE (arch='convae') has only its depth-{self.cfg.depth} output, not depth {n}")
         return self.reconstruct(self.compress(x, n)[-1], n)  # (B, C, H, W)
 
     def reconstruct_all(self, x, depths=None):
         """Every depth's full-resolution reconstruction, sharing the compression path.
 
-        x (B, C, H, W) -> (B, len(depths), C, H, W), depths default 1..N (the "sequence {I_R^n}")."""
+        x (B, C, H, W) -> (B, len(depths), C, H, W), depths default 1..N (the "sequence {I_R^n}").
+        A ConvAE's one output I_R^N stands for every depth (module docstring)."""
         depths = list(depths or range(1, self.cfg.depth + 1))
+        if self.cfg.arch == "convae":
+            return self(x)[:, None].expand(-1, len(depths), -1, -1, -1).contiguous()  # (B, N, C, H, W)
         codes = self.compress(x, max(depths))
         return torch.stack([self.reconstruct(codes[n - 1], n) for n in depths], 1)  # (B, N, C, H, W)
 
@@ -167,10 +208,11 @@ def recon_loss(recon, target):
 # ----------------------------------------------------------------------------- train
 
 
-def make_batch(x, gen, anomaly_prob, depth, anomaly_size="scaled"):
+def make_batch(x, gen, anomaly_prob, depth, anomaly_size="scaled", random_depth=True):
     """x (B, C, H, W) clean -> the step's batch; runs in the loader workers (module level: picklable)."""
     noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size)  # denoising on pseudo anomalies
-    n = torch.randint(1, depth + 1, (1,), generator=gen)  # recursion depth sampled per batch from [1, N]
+    # recursion depth sampled per batch from [1, N]; a ConvAE (random_depth=False) always runs all N levels
+    n = torch.randint(1, depth + 1, (1,), generator=gen) if random_depth else torch.tensor([depth])
     return {"input": noisy, "target": x, "n": n}
 
 
@@ -183,17 +225,17 @@ def main(argv=None):
     args = get_args(argv)
     common.seed_everything(args.seed)
     cfg = Config(channels=3, width=args.width, depth=args.depth, image_size=args.image_size, norm=args.norm,
-                 input_norm=args.input_norm, out_act=args.out_act)
+                 input_norm=args.input_norm, out_act=args.out_act, arch=args.arch, share=args.share, skip=args.skip)
     model = RcAE(cfg)
     images = common.train_images(args)  # (M, 3, H, W) uint8, train/good minus the holdout
     model.fit_input_norm(images)
     holdout = common.train_images(args, part="holdout")
-    print(f"{STAGE}: {len(images)} training images at {args.image_size}px, depth N={cfg.depth}, "
-          f"{common.n_params(model):,} parameters")
+    print(f"{STAGE}: {len(images)} training images at {args.image_size}px, depth N={cfg.depth}, {cfg.arch} "
+          f"(share {cfg.share}, skip {cfg.skip}), {common.n_params(model):,} parameters")
 
     common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
                  make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, depth=cfg.depth,
-                                    anomaly_size=args.anomaly_size),
+                                    anomaly_size=args.anomaly_size, random_depth=cfg.arch == "rcae"),
                  loss_fn=loss_fn, ckpt_path=f"{args.out}/{STAGE}.pt",
                  validate=partial(recon_report, images=holdout, batch_size=args.batch_size) if len(holdout) else None)
 

@@ -12,6 +12,16 @@ A row already trained is not trained again (the stages resume or skip), so an in
 
 --dark 0.25 adds, for every category, a copy with intensities scaled by 0.25 (dark, low contrast).
 Writes <out>/ablation_<study>.md and .json (out: runs/ablations).
+
+The paper's Tables 2, 4 and 5 (`--table k`, the same as `--study table<k>`): every row is scored on the test
+split by evaluate.py, the paper's own numbers beside ours (notebooks/paper_results.json). Runs live in
+<out>/tables/<size>px_steps<steps>_seed<seed>/<category>/<flags>, shared by the rows and tables that train
+the same thing, so Table 2 then Table 4 trains only Table 4's new rows:
+
+    python -m benchmarks.ablations --table 4 --data ../shared/data/ball_screw --steps 800
+    python -m benchmarks.ablations --table 4 --data data/toy --image_size 32 --steps 2   # smoke run
+
+Writes <out>/ablation_table<k>.md and .json.
 """
 import argparse
 import json
@@ -65,10 +75,43 @@ STUDIES = {
     ]),
 }
 
+# The paper's Tables 2, 4 and 5 (--table k): a row is (the paper's label columns, stage-1 flags, the evaluate.py
+# variant read, its place in notebooks/paper_results.json). Rows with the same flags share one trained run (the
+# folder is named after the flags), so Table 2's last three rows are one chain, and a run another table
+# trained is not trained again. ConvAE rows are scored alone by their residual, as Table 2's first row: a
+# ConvAE has no recursion for DPN and CRD to use. Every RcAE row of Tables 4 and 5 is the full chain.
+CONVAE = ["--arch", "convae", "--share", "0"]  # Eq. (2) in one pass (stage1_rcae docstring)
+CHAIN = ["stage1_rcae", "stage2_dpn", "stage3_crd"]
+STUDIES["table2"] = dict(stages=CHAIN, base={}, paper="table2", columns=["RcAE", "DPN", "CRD"], rows=[
+    (("✗", "✗", "✗"), {"stage1_rcae": CONVAE + ["--skip", "0"]}, "rcae", ("table2", "rows", 0)),
+    (("✓", "✗", "✗"), {}, "rcae", ("table2", "rows", 1)),
+    (("✓", "✓", "✗"), {}, "rcae+dpn", ("table2", "rows", 2)),
+    (("✓", "✓", "✓"), {}, "crd", ("table2", "rows", 3)),
+])
+STUDIES["table4"] = dict(stages=CHAIN, base={}, paper="table4", columns=["Model", "Skip Conn.", "Shared Weights"],
+                         rows=[
+    (("ConvAE", "✓", "✗"), {"stage1_rcae": CONVAE}, "rcae", ("table4", "rows", 0)),
+    (("ConvAE", "✗", "✗"), {"stage1_rcae": CONVAE + ["--skip", "0"]}, "rcae", ("table4", "rows", 1)),
+    (("RcAE", "✗", "✓"), {"stage1_rcae": ["--skip", "0"]}, "crd", ("table4", "rows", 2)),
+    (("RcAE", "✓", "✗"), {"stage1_rcae": ["--share", "0"]}, "crd", ("table4", "rows", 3)),
+    (("RcAE", "✓", "✓"), {}, "crd", ("table4", "rows", 4)),
+])
+STUDIES["table5"] = dict(stages=CHAIN, base={}, paper="table5", columns=["Method", "Training Data Percentage"],
+                         pivot=True, rows=[
+    ((method, f"{f:.0%}"), {"stage1_rcae": flags + (["--train_fraction", str(f)] if f < 1 else [])}, variant,
+     ("table5", "rows", m, "results", j))
+    for m, (method, flags, variant) in enumerate([("ConvAE", CONVAE + ["--skip", "0"], "rcae"), ("RcAE", [], "crd")])
+    for j, f in enumerate([0.1, 0.25, 0.5, 0.75, 1.0])])
+PAPER = Path(__file__).resolve().parents[1] / "notebooks" / "paper_results.json"
+DATASETS = {"mvtec": "MVTec AD", "visa": "VisA"}
+
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--study", choices=sorted(STUDIES), required=True, help="which ablation to run")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", choices=sorted(STUDIES), help="which ablation to run")
+    which.add_argument("--table", type=int, choices=[2, 4, 5],
+                       help="one of the paper's tables: the same as --study table<k> (README, 'Paper tables')")
     p.add_argument("--data", nargs="+", required=True, help="one or more category folders")
     p.add_argument("--out", default="runs/ablations", help="output folder")
     p.add_argument("--image_size", type=int, default=128, help="training and test size of every row")
@@ -82,6 +125,7 @@ def get_args(argv=None):
     p.add_argument("--report", type=int, default=0,
                    help="1: train nothing; tabulate the rows already trained (and evaluated) under --out")
     args = p.parse_args(argv)
+    args.study = args.study or f"table{args.table}"
     args.steps = [int(s) for s in str(args.steps).split(",")]
     if any(s < 1 for s in args.steps):
         raise common.UserError(f"--steps must be positive (got {args.steps})")
@@ -200,6 +244,8 @@ def main(argv=None):
     datas = list(args.data)
     if args.dark:
         datas += [dark_copy(d, args.dark, Path(args.out) / "data") for d in args.data]
+    if "paper" in study:  # one of the paper's tables
+        return run_table(study, rows, datas, args, argv)
     results = []
     for data in datas:
         for i, (name, flags) in rows:
@@ -215,6 +261,100 @@ def main(argv=None):
     md = table(results, study)
     (Path(args.out) / f"ablation_{args.study}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+
+
+def run_name(flags):
+    """The folder of a trained run, named after its flags: ["--share", "0"] -> "share-0", none -> "paper"."""
+    words = [w.lstrip("-") for stage in CHAIN for w in flags.get(stage, [])]
+    return "_".join(f"{k}-{v}" for k, v in zip(words[::2], words[1::2])) or "paper"
+
+
+def run_table(study, rows, datas, args, argv):
+    """Train each run a table's rows need once (the stages of every variant read from it), evaluate it with
+    evaluate.py, and write <out>/ablation_table<k>.md and .json with the paper's numbers beside ours."""
+    paper = json.loads(PAPER.read_text())
+    runs = {}  # run name -> (flags, stages to train), in row order
+    for _, (_, flags, variant, _) in rows:
+        _, stages = runs.setdefault(run_name(flags), (flags, []))
+        stages += [s for s in evaluate.variant_stages(variant) if s not in stages]
+    root = Path(args.out) / "tables" / f"{args.image_size}px_steps{'-'.join(map(str, args.steps))}_seed{args.seed}"
+    test_args = argparse.Namespace(**{**vars(args), "test": 1})
+    trained = {}  # (category, run) -> run_row's result
+    for data in datas:
+        for name, (flags, stages) in runs.items():
+            out, stages = root / Path(data).name / name, sorted(stages, key=CHAIN.index)
+            print(f"\n=== {args.study} run {name} on {data} ({out}): {', '.join(stages)}")
+            trained[Path(data).name, name] = run_row(dict(study, stages=stages), name, flags, data, str(out), test_args)
+            result = table_result(study, rows, trained, datas, paper, args, argv)
+            (Path(args.out) / f"ablation_{args.study}.json").write_text(json.dumps(result, indent=1))
+    md = table_markdown(study, result)
+    (Path(args.out) / f"ablation_{args.study}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return result
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+METRICS = ("i_auroc", "p_auroc", "aupro")
+
+
+def table_result(study, rows, trained, datas, paper, args, argv):
+    """The table as JSON: per row its labels, run, variant, the paper's numbers and ours per category and mean."""
+    cats = [Path(d).name for d in datas]
+    out = []
+    for i, (labels, flags, variant, where) in rows:
+        name = run_name(flags)
+        ours = {c: {k: trained[c, name]["test"][variant].get(k) for k in METRICS} for c in cats if (c, name) in trained}
+        mean = {}
+        for k in METRICS:
+            vals = [o[k] for o in ours.values() if o[k] is not None]
+            mean[k] = float(np.mean(vals)) if vals else None
+        out.append(dict(index=i, labels=list(labels), run=name, variant=variant, flags=flags,
+                        paper=_get(paper, where), ours=ours, ours_mean=mean if ours else None))
+    return dict(study=args.study, caption=paper[study["paper"]]["caption"], columns=study["columns"],
+                image_size=args.image_size, steps=args.steps, seed=args.seed, categories=cats,
+                runs_folder=str(Path(args.out) / "tables"),
+                command="python -m benchmarks.ablations " + " ".join(argv or __import__("sys").argv[1:]), rows=out)
+
+
+def _pair(v, scale=100):
+    """"I-AUROC/P-AUROC" in percent: ours are fractions (scale 100), the paper's percent (scale 1)."""
+    if not v or v.get("i_auroc") is None:
+        return "-"
+    p = "-" if v.get("p_auroc") is None else f"{scale * v['p_auroc']:.1f}"
+    return f"{scale * v['i_auroc']:.1f}/{p}"
+
+
+def table_markdown(study, result):
+    """The paper's layout, I-AUROC/P-AUROC (%): its label columns, ours per category (and their mean), the
+    paper's per dataset. Table 5 (pivot) first gets the paper's grid, each cell "ours mean (paper)"."""
+    rows, cats = result["rows"], result["categories"]
+    datasets = [d for d in DATASETS if rows and d in rows[0]["paper"]] or ["mvtec"]  # Table 4 has both
+
+    def paper_cell(r, d):
+        return _pair(r["paper"].get(d, r["paper"]), scale=1)
+
+    lines = [f"{result['caption']}. Ours: {result['image_size']} px, {result['steps']} steps per stage, seed "
+             f"{result['seed']}: `{result['command']}`", ""]
+    if study.get("pivot"):
+        cols = list(dict.fromkeys(r["labels"][-1] for r in rows))
+        lines += ["| " + " | ".join(study["columns"][:1] + cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        for method in dict.fromkeys(r["labels"][0] for r in rows):
+            cell = {r["labels"][-1]: f"{_pair(r['ours_mean'])} ({paper_cell(r, 'mvtec')})"
+                    for r in rows if r["labels"][0] == method}
+            lines.append("| " + " | ".join([method] + [cell.get(c, "-") for c in cols]) + " |")
+        lines.append("")
+    head = study["columns"] + ["variant"] + [f"ours {c}" for c in cats] + (["ours mean"] if len(cats) > 1 else []) \
+        + [f"paper {DATASETS[d]}" for d in datasets]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ours = [_pair(r["ours"].get(c)) for c in cats] + ([_pair(r["ours_mean"])] if len(cats) > 1 else [])
+        lines.append("| " + " | ".join(r["labels"] + [r["variant"]] + ours + [paper_cell(r, d) for d in datasets]) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -128,3 +128,46 @@ def test_cpu_peak_arithmetic():
     raised = speed.within_peak(peak, 1.5 * peak["gflops"])
     assert raised["gflops"] == raised["cores"] * raised["clock_ghz"] * raised["flops_per_cycle"] == 1.5 * peak["gflops"]
     assert speed.within_peak(peak, 0.5 * peak["gflops"]) is peak
+
+
+def test_ablation_table4_smoke_and_runs_shared_with_table2(tmp_path):
+    """--table 4 trains each row's model from its flags (read back from the checkpoints), scores it with
+    evaluate.py and writes the paper's layout with the paper's numbers; --table 2 then trains nothing new."""
+    data = common.make_synthetic_category(tmp_path / "toy", size=32, n_train=8, n_test_good=2, n_test_bad=2)
+    out = tmp_path / "abl"
+    ablations.main(["--table", "4", "--data", data, "--image_size", "32", "--steps", "1", "--out", str(out)])
+    rep = json.loads((out / "ablation_table4.json").read_text())
+    paper = json.loads(ablations.PAPER.read_text())["table4"]["rows"]
+    mark = {True: "✓", False: "✗"}
+    assert [r["labels"] for r in rep["rows"]] == [[p["model"], mark[p["skip"]], mark[p["shared"]]] for p in paper]
+    assert [r["paper"] for r in rep["rows"]] == paper
+    root = next((out / "tables").iterdir()) / "toy"
+    for r in rep["rows"]:
+        assert r["ours"]["toy"]["i_auroc"] is not None and r["variant"] == ("rcae" if r["labels"][0] == "ConvAE" else "crd")
+        cfg = torch.load(root / r["run"] / "stage1_rcae.pt", weights_only=True)["model_config"]
+        assert (cfg["arch"], mark[bool(cfg["skip"])], mark[bool(cfg["share"])]) == (
+            r["labels"][0].lower(), r["labels"][1], r["labels"][2])  # each row's own model, not the default one
+        assert (root / r["run"] / "stage3_crd.pt").is_file() == (r["variant"] == "crd")
+    md = (out / "ablation_table4.md").read_text()
+    assert md.count("\n| ") == 1 + 5 and "| RcAE | ✓ | ✗ | crd |" in md and "| 71.3/74.2 | 73.5/75.0 |" in md
+    def weights():  # stage 3 re-saves its calibration on every call; the weights must stay
+        return {p: common.fingerprint(torch.load(p, weights_only=True)["model"]) for p in root.rglob("*.pt")}
+
+    trained = weights()
+    ablations.main(["--table", "2", "--data", data, "--image_size", "32", "--steps", "1", "--out", str(out)])
+    assert weights() == trained  # every Table 2 run was there: nothing trained again
+    t2 = json.loads((out / "ablation_table2.json").read_text())["rows"]
+    assert [r["variant"] for r in t2] == ["rcae", "rcae", "rcae+dpn", "crd"]
+    assert [r["paper"]["i_auroc"] for r in t2] == [82.4, 94.1, 95.7, 98.9]
+
+
+def test_paper_tables_4_and_5_agree_with_table2():
+    """Table 4's ConvAE without skip and Table 5's 100% column are Table 2's ConvAE; RcAE with skip and
+    sharing, and RcAE at 100%, are the full method."""
+    paper = json.loads(ablations.PAPER.read_text())
+    t2, t4, t5 = (paper[k]["rows"] for k in ("table2", "table4", "table5"))
+    assert t4[1]["mvtec"] == t5[0]["results"][-1] == {k: t2[0][k] for k in ("i_auroc", "p_auroc")}
+    assert t4[4]["mvtec"] == t5[1]["results"][-1] == {k: t2[3][k] for k in ("i_auroc", "p_auroc")}
+    assert paper["table5"]["train_fractions"] == [0.1, 0.25, 0.5, 0.75, 1.0]
+    rows5 = ablations.STUDIES["table5"]["rows"]
+    assert [r[0][1] for r in rows5] == ["10%", "25%", "50%", "75%", "100%"] * 2

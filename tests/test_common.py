@@ -449,3 +449,39 @@ def test_train_loop_applies_lr_schedule_and_drops_optimizer_when_done(tmp_path):
                       make_batch=lambda x, gen: {"x": x}, loss_fn=loss_fn, ckpt_path=tmp_path / "t.pt", lr_at=lr_at)
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert ck["step"] == 4 and "optimizer" not in ck
+
+
+# ----------------------------------------------------------------------------- --train_fraction (Table 5)
+
+
+@pytest.mark.parametrize("n", [1, 9, 24, 209])
+def test_train_fractions_are_nested_and_fixed(n):
+    fracs = (0.1, 0.25, 0.5, 0.75, 1.0)
+    subsets = [common.fraction_indices(n, f) for f in fracs]
+    assert [len(s) for s in subsets] == [max(1, round(n * f)) for f in fracs]
+    assert subsets[-1] == list(range(n))
+    for small, large in zip(subsets, subsets[1:]):
+        assert set(small) <= set(large)  # 10% inside 25% inside 50% ...
+    torch.manual_seed(123)  # the global seed (--seed) does not move the subset
+    assert common.fraction_indices(n, 0.25) == subsets[1]
+    if n >= 24:  # a random draw, not the first files of the sorted list
+        assert subsets[1] != list(range(len(subsets[1])))
+
+
+def test_train_fraction_leaves_the_holdout_alone(tmp_path):
+    data = common.make_synthetic_category(tmp_path / "c", size=32, n_train=20, n_test_good=1, n_test_bad=1)
+    args = lambda f: Namespace(data=data, image_size=32, workers=0, holdout=0.1, resize="squash", train_fraction=f)  # noqa: E731
+    full, hold = common.train_images(args(1.0)), common.train_images(args(1.0), "holdout")
+    quarter = common.train_images(args(0.25))
+    assert len(full) == 18 and len(hold) == 2 and len(quarter) == round(18 * 0.25)
+    as_set = lambda t: {bytes(x.flatten().numpy()) for x in t}  # noqa: E731
+    assert as_set(quarter) <= as_set(full) and not as_set(quarter) & as_set(hold)
+    assert torch.equal(common.train_images(args(0.25), "holdout"), hold)
+    assert torch.equal(common.train_images(Namespace(**{**vars(args(1.0)), "train_fraction": None})), full)
+
+
+@pytest.mark.parametrize("frac", ["0", "1.5", "-0.1"])
+def test_train_fraction_out_of_range_is_refused(frac):
+    import stage1_rcae
+    with pytest.raises(UserError, match=r"--train_fraction must be in \(0, 1\]"):
+        stage1_rcae.get_args(["--data", "x", "--train_fraction", frac])

@@ -65,7 +65,7 @@ def test_two_step_run_writes_checkpoint_that_reloads(toy_data, tmp_path):
     model, ck = stage1_rcae.load_rcae(out / "stage1_rcae.pt")
     assert ck["stage"] == "stage1_rcae" and ck["step"] == 2
     assert ck["model_config"] == {"channels": 3, "width": 32, "depth": 3, "image_size": 64, "norm": "none",
-                                  "input_norm": 1, "out_act": "none"}
+                                  "input_norm": 1, "out_act": "none", "arch": "rcae", "share": 1, "skip": 1}
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     rebuilt = RcAE(Config(**ck["model_config"]))
     rebuilt.load_state_dict(ck["model"])
@@ -230,3 +230,116 @@ def test_cpu_recipe_sets_defaults_and_explicit_flags_win(toy_data):
     import stage3_crd
     crd = stage3_crd.get_args(["--data", toy_data, "--recipe", "cpu"])
     assert crd.image_size is None and crd.max_steps == common.RECIPES["cpu"]["stage3_crd"]["max_steps"]  # inherited size
+
+
+# ----------------------------------------------------------------------------- Table 4 variants (issue 12)
+
+VARIANTS = {"no sharing (Eq. (2))": dict(share=0), "no skip": dict(skip=0),
+            "ConvAE (Eq. (2), single pass)": dict(arch="convae", share=0),
+            "ConvAE without skip": dict(arch="convae", share=0, skip=0)}
+
+
+@pytest.mark.parametrize("depth", [1, 3, 5])
+@pytest.mark.parametrize("skip", [0, 1])
+def test_no_sharing_has_n_times_the_parameters(depth, skip):
+    shared = common.n_params(RcAE(Config(width=8, depth=depth, skip=skip)))
+    assert common.n_params(RcAE(Config(width=8, depth=depth, skip=skip, share=0))) == depth * shared
+
+
+def test_skip_removal_parameter_count():
+    # dec1 of each of E and D reads w instead of 2w channels: w * C * 3 * 3 weights fewer each
+    w, c = 8, 3
+    full, bare = (common.n_params(RcAE(Config(width=w, depth=3, skip=s))) for s in (1, 0))
+    assert full - bare == 2 * w * c * 9
+
+
+@pytest.mark.parametrize("kw", VARIANTS.values(), ids=VARIANTS.keys())
+def test_variants_gradients_reach_every_parameter(kw):
+    model = RcAE(Config(width=8, depth=3, **kw))
+    x = torch.rand(2, 3, 32, 32)
+    recon_loss(model(x), x)[0].backward()  # depth N: every level's block is on the path
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def count_calls(modules):
+    calls = [0] * len(modules)
+    for i, m in enumerate(modules):
+        m.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_shared_recursion_calls_one_block_n_times(n):
+    model = RcAE(Config(width=8, depth=4))
+    blocks = [m for m in model.modules() if isinstance(m, stage1_rcae.ConvAE)]
+    assert blocks == [model.E, model.D]  # one encoder block, one decoder block, whatever N
+    calls = count_calls([model.E, model.down, model.D, model.up])
+    model(torch.rand(1, 3, 32, 32), n)
+    assert calls == [n, n, n, n]  # Eq. (3)-(4): the same modules at every step
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_unshared_recursion_calls_each_level_once(n):
+    model = RcAE(Config(width=8, depth=4, share=0))
+    assert len(model.E) == len(model.D) == 4 and len({id(m) for m in model.E}) == 4
+    enc, dec = count_calls(list(model.E)), count_calls(list(model.D))
+    model(torch.rand(1, 3, 32, 32), n)
+    assert enc == dec == [1] * n + [0] * (4 - n)  # Eq. (2): E_1..E_n then D_n..D_1, each once
+
+
+def test_unshared_levels_run_in_order():
+    # D_1 o ... o D_n o E_n o ... o E_1 (Eq. (2)): E_i and D_i are level i's, whatever the depth
+    model = RcAE(Config(width=8, depth=3, share=0))
+    order = []
+    for name, m in [*((f"E{i + 1}", e) for i, e in enumerate(model.E)), *((f"D{i + 1}", d) for i, d in enumerate(model.D))]:
+        m.register_forward_hook(lambda *_, name=name: order.append(name))
+    model(torch.rand(1, 3, 32, 32), 2)
+    assert order == ["E1", "E2", "D2", "D1"]
+
+
+def test_block_without_skip_sees_only_the_half_resolution_path():
+    """With the stride-2 path cut (enc2 = 0), a block without its skip outputs the same for every input;
+    with the skip it still follows the input."""
+    x = torch.rand(2, 3, 16, 16)
+    for skip in (True, False):
+        block = stage1_rcae.ConvAE(3, 3, 8, skip=skip)
+        torch.nn.init.zeros_(block.enc2.weight)
+        torch.nn.init.zeros_(block.enc2.bias)
+        out = block(x)
+        assert torch.allclose(out[0], out[1]) != skip
+
+
+def test_convae_single_pass_at_depth_n():
+    model = RcAE(Config(width=8, depth=3, arch="convae", share=0))
+    x = torch.rand(2, 3, 32, 32)
+    allr = model.reconstruct_all(x)  # the one output I_R^N stands for every depth
+    assert allr.shape == (2, 3, 3, 32, 32)
+    assert all(torch.equal(allr[:, k], model(x)) for k in range(3))
+    with pytest.raises(ValueError, match="only its depth-3 output"):
+        model(x, 1)
+    gen = torch.Generator().manual_seed(0)
+    batches = [stage1_rcae.make_batch(x, gen, 0.5, 3, random_depth=False) for _ in range(8)]
+    assert {int(b["n"]) for b in batches} == {3}
+    assert len({int(stage1_rcae.make_batch(x, gen, 0.5, 3)["n"]) for _ in range(30)}) == 3  # RcAE: 1..N
+
+
+@pytest.mark.parametrize("flags", [dict(arch="convae", share=0, skip=0), dict(share=0), dict(skip=0)])
+def test_variant_flags_train_and_describe_themselves(toy_data, tmp_path, monkeypatch, flags):
+    depths = []
+    real = stage1_rcae.make_batch
+
+    def spy(*a, **kw):
+        b = real(*a, **kw)
+        depths.append(int(b["n"]))
+        return b
+
+    monkeypatch.setattr(stage1_rcae, "make_batch", spy)
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=6, image_size=32, **flags))
+    model, ck = stage1_rcae.load_rcae(tmp_path / "stage1_rcae.pt")  # rebuilt from the checkpoint alone
+    assert {k: ck["model_config"][k] for k in flags} == flags and ck["args"]["share"] == model.cfg.share
+    assert common.n_params(model) == common.n_params(RcAE(Config(width=32, depth=3, **flags)))
+    if flags.get("arch") == "convae":
+        assert set(depths) == {3}  # no random depth
+    else:
+        assert len(set(depths)) > 1

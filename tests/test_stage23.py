@@ -373,3 +373,27 @@ def test_retrained_upstream_is_not_resumed(chain, other_rcae, tmp_path):
     shutil.copy(other_rcae, out / "stage1_rcae.pt")  # stage 1 was retrained since stage 2 ran
     with pytest.raises(UserError, match="other upstream weights.*--overwrite"):
         stage2_dpn.main(quick_args(chain.data, out, image_size=None, depth=None, max_steps=4))
+
+
+def test_train_fraction_is_inherited_from_stage1(toy_data, tmp_path):
+    """Stages 2 and 3 train on stage 1's subset of train/good (Table 5), and refuse another one."""
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=32, train_fraction=0.25))
+    stage2_dpn.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None))
+    ck = torch.load(tmp_path / "stage2_dpn.pt", weights_only=True)
+    assert ck["args"]["train_fraction"] == 0.25
+    with pytest.raises(UserError, match="--train_fraction 1.0 conflicts with the stage-1 checkpoint"):
+        stage3_crd.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None, train_fraction=1.0))
+
+
+def test_convae_checkpoint_runs_through_stages_2_3_and_evaluate(toy_data, tmp_path):
+    """A single-pass ConvAE (--arch convae --share 0 --skip 0) describes itself: stages 2-3 and evaluate.py
+    rebuild it from the checkpoint and run unchanged, its one output standing for every depth."""
+    import evaluate
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=32, arch="convae", share=0, skip=0))
+    stage2_dpn.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None))
+    stage3_crd.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None))
+    detector = stage3_crd.load_detector(tmp_path)
+    assert detector.rcae.cfg.arch == "convae" and len(detector.rcae.E) == 3
+    evaluate.main(["--data", toy_data, "--out", str(tmp_path), "--device", "cpu", "--n_figures", "1"])
+    metrics = __import__("json").loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["variants"]) == {"rcae", "rcae+dpn", "crd"}
