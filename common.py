@@ -26,7 +26,7 @@ import random
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -781,6 +781,13 @@ def check_upstream_unchanged(ckpt_path, stage, upstream, args):
                         f"an upstream stage was retrained): pass --overwrite to train this stage again")
 
 
+def config_defaults(model):
+    """{field: default} of a model's Config dataclass ({} if it has none): what an older checkpoint, written
+    before a field existed, means by leaving it out (build_from_checkpoint fills the same defaults)."""
+    cfg = getattr(model, "cfg", None)
+    return {f.name: f.default for f in fields(cfg)} if is_dataclass(cfg) else {}
+
+
 def build_from_checkpoint(ck, model_cls, config_cls):
     """Rebuild a model from its checkpoint alone (no flags needed)."""
     names = {f.name for f in fields(config_cls)}
@@ -881,8 +888,9 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     cfg = plain(model_config)
     if Path(ckpt_path).is_file() and not args.overwrite:
         ck = load_checkpoint(ckpt_path, stage)
-        if ck["model_config"] != cfg:
-            raise UserError(f"{ckpt_path} was trained with other settings ({_config_diff(ck['model_config'], cfg)}): "
+        saved = {**config_defaults(model), **ck["model_config"]}  # a field added since: its default, as when rebuilt
+        if saved != cfg:
+            raise UserError(f"{ckpt_path} was trained with other settings ({_config_diff(saved, cfg)}): "
                             f"pass --overwrite to start over, or another --out")
         model.load_state_dict(ck["model"])
         if ck["step"] >= total:

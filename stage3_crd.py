@@ -22,6 +22,7 @@ Reads:  <out>/stage1_rcae.pt (--rcae) and <out>/stage2_dpn.pt (--dpn), both from
 Writes: <out>/stage3_crd.pt (with the holdout calibration) and stage3_crd.log.jsonl.
 """
 import argparse
+import math
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -53,6 +54,9 @@ def get_args(argv=None):
     g.add_argument("--loss", choices=["l2", "bce", "focal"], default="l2",
                    help="mask term of Eq. (9): l2 (paper), or binary cross-entropy / focal (gamma 2, DRAEM) on the "
                         "logits; the gradient term stays L2")
+    g.add_argument("--init_prior", type=float, default=0.0,
+                   help="start M_A at this anomalous-pixel rate (the head's bias = its logit, as RetinaNet does "
+                        "for rare positives); 0 = PyTorch's default init, M_A about 0.5 everywhere (paper: not given)")
     g = p.add_argument_group("augmentation (stage 3)")
     g.add_argument("--anomaly_prob", type=float, default=0.5,
                    help="chance that a training image gets pseudo anomalies, else all-zero mask (paper: not given)")
@@ -70,6 +74,8 @@ def get_args(argv=None):
     args = common.parse_args(p, argv, STAGE)
     if not 0 < args.topk_frac <= 1:
         raise UserError(f"--topk_frac must be in (0, 1] (got {args.topk_frac})")
+    if not 0 <= args.init_prior < 1:
+        raise UserError(f"--init_prior must be in [0, 1) (got {args.init_prior})")
     for k in ("threshold_quantile", "anomaly_prob"):
         if not 0 <= getattr(args, k) <= 1:
             raise UserError(f"--{k} must be in [0, 1] (got {getattr(args, k)})")
@@ -291,6 +297,8 @@ def main(argv=None):
     cfg = Config(channels=rcae.cfg.channels, depth=args.depth, image_size=args.image_size, width=args.width,
                  use_depths=args.use_depths, crd_input=args.crd_input)
     model = CRD(cfg)
+    if args.init_prior:  # a start at the rare positives' rate instead of 0.5: no early collapse of every pixel to 0
+        nn.init.constant_(model.head.bias, math.log(args.init_prior / (1 - args.init_prior)))
     device = common.get_device(args.device)
     rcae.to(device)
     dpn.to(device)

@@ -72,6 +72,8 @@ STUDIES = {
         ("pixel sizes", {"stage3_crd": ["--anomaly_size", "pixels"]}),
         ("lr 1e-3 + focal + relative sizes", {"stage3_crd": ["--lr", "1e-3", "--loss", "focal",
                                                              "--anomaly_size", "relative"]}),
+        ("row 7 + head started at the prior 0.01", {"stage3_crd": ["--lr", "1e-3", "--loss", "focal",
+                                                                   "--anomaly_size", "relative", "--init_prior", "0.01"]}),
     ]),
 }
 

@@ -343,3 +343,19 @@ def test_variant_flags_train_and_describe_themselves(toy_data, tmp_path, monkeyp
         assert set(depths) == {3}  # no random depth
     else:
         assert len(set(depths)) > 1
+
+
+def test_checkpoint_from_before_a_new_config_field_resumes(toy_data, tmp_path):
+    """A field added to Config later (its default = the old behaviour) must not make old runs 'other settings'."""
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1))
+    path = tmp_path / "stage1_rcae.pt"
+    ck = torch.load(path, weights_only=True)
+    del ck["model_config"]["skip"]  # as written before --skip existed
+    torch.save(ck, path)
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2))  # resumes instead of refusing
+    assert torch.load(path, weights_only=True)["step"] == 2
+    ck = torch.load(path, weights_only=True)
+    ck["model_config"]["skip"] = 0  # a real difference is still refused
+    torch.save(ck, path)
+    with pytest.raises(common.UserError, match="other settings .*skip: 0 vs 1"):
+        stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3))

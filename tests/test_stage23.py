@@ -397,3 +397,22 @@ def test_convae_checkpoint_runs_through_stages_2_3_and_evaluate(toy_data, tmp_pa
     evaluate.main(["--data", toy_data, "--out", str(tmp_path), "--device", "cpu", "--n_figures", "1"])
     metrics = __import__("json").loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["variants"]) == {"rcae", "rcae+dpn", "crd"}
+
+
+def test_init_prior_starts_the_map_at_the_prior(toy_data, tmp_path, monkeypatch):
+    """--init_prior p sets CRD's head bias to logit(p) before training: M_A starts near p, not 0.5."""
+    seen = {}
+    real = stage3_crd.crd_loss
+
+    def first(logits, mask, kind="l2"):
+        seen.setdefault("map", torch.sigmoid(logits.detach()).mean().item())
+        return real(logits, mask, kind)
+
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1))
+    stage2_dpn.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None))
+    monkeypatch.setattr(stage3_crd, "crd_loss", first)
+    stage3_crd.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None, width=4,
+                               init_prior=0.01, lr=1e-12))
+    assert abs(seen["map"] - 0.01) < 0.01
+    with pytest.raises(UserError, match="--init_prior must be in"):
+        stage3_crd.get_args(quick_args(toy_data, tmp_path, image_size=None, depth=None, init_prior=1.5))
