@@ -202,8 +202,9 @@ def main(argv=None):
     infer = interleaved_speed(out, args.image_size, device)
     mem = {kind: peak_rss_mb(kind, out, args.image_size, 4) for kind in ("rcae", "fair")}
     rate = {k: round(args.batch_size / v, 3) for k, v in budget["seconds_per_step"].items()}
-    rate = {k: rate.get(k, round(budget["budget_steps"][k] * args.batch_size / (60 * budget["wall_minutes"][k]), 3))
-            for k in NAMES}  # explicit steps: the training's own rate, evaluation and overheads included
+    rate = {k: rate[k] if k in rate else round(budget["budget_steps"][k] * args.batch_size /
+                                                 max(60 * budget["wall_minutes"][k], 1e-3), 3)
+            for k in NAMES}  # explicit steps: the training's own rate, its overheads included
     train_rate = {"rcae": {name: rate[name] for name, _ in STAGES}, "fair": rate["fair"]}
     steps = {name: torch.load(Path(out) / f"{name}.pt", weights_only=True, map_location="cpu")["step"]
              for name in [s for s, _ in STAGES] + ["fair"]}

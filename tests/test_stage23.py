@@ -178,12 +178,13 @@ def test_crd_learns_to_find_fresh_pseudo_anomalies(toy_data, tmp_path, monkeypat
     real, val = stage3_crd.crd_loss, {}
     for broken in (True, False):
         if broken:
-            monkeypatch.setattr(stage3_crd, "crd_loss", lambda lg, m, k: real(lg, torch.zeros_like(m), k))
+            monkeypatch.setattr(stage3_crd, "crd_loss", lambda lg, m, k="l2": real(lg, torch.zeros_like(m), k))
         else:
             monkeypatch.setattr(stage3_crd, "crd_loss", real)
         out = tmp_path / f"broken{broken}"
         stage3_crd.main(quick_args(toy_data, out, max_steps=250, lr=1e-3, width=8, batch_size=8, val_every=0,
-                                   anomaly_prob=1.0, rcae=tmp_path / "stage1_rcae.pt", dpn=tmp_path / "stage2_dpn.pt", **kw))
+                                   anomaly_prob=1.0, loss="focal", anomaly_size="relative", init_prior=0.01,
+                                   rcae=tmp_path / "stage1_rcae.pt", dpn=tmp_path / "stage2_dpn.pt", **kw))
         val[broken] = torch.load(out / "stage3_crd.pt", weights_only=True)["val"]
     assert val[False]["p_auroc"] > 0.8 and val[False]["p_auroc"] > val[True]["p_auroc"] + 0.15, val
     assert val[False]["aupro"] > val[True]["aupro"], val
