@@ -23,7 +23,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -43,17 +45,37 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, never as a traceback (see run_main)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM, with what is on disk: run_main prints `message`, exits 128 + signum."""
+
+    def __init__(self, message="interrupted", signum=signal.SIGINT, told=False):
+        super().__init__(message)
+        self.message, self.signum, self.told = message, signum, told  # told: the message says what is on disk
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}", signum)
+
+
 def run_main(main):
-    """Entry point of every script: user errors become `error: ...` on stderr and exit code 2."""
+    """Entry point of every script: user errors become `error: ...` on stderr and exit code 2; Ctrl-C and
+    SIGTERM (a cluster's time limit, `kill`) exit 130 / 143 with one line saying what is on disk."""
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main else None
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last checkpoint on disk is intact; run the same command to resume",
-              file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        msg = getattr(e, "message", "interrupted")
+        if not getattr(e, "told", False):  # outside a training loop
+            msg += "; checkpoints are written whole (temp file + rename), so none on disk is half-written"
+        print(f"\n{msg}", file=sys.stderr)
+        sys.exit(128 + int(getattr(e, "signum", signal.SIGINT)))
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)
 
 
 def warn(msg):
@@ -549,6 +571,9 @@ def add_shared_args(p, recursion=True, upstream=False, **defaults):
     g.add_argument("--amp", type=int, default=1, help="bf16 autocast on CUDA (1/0); ignored on CPU")
     g.add_argument("--compile", type=int, default=0, help="torch.compile the trained network (1/0)")
     g.add_argument("--save_every", type=int, default=500, help="checkpoint every this many steps")
+    g.add_argument("--save_every_min", type=float, default=5,
+                   help="also checkpoint when this many minutes passed since the last save (0: off); Ctrl-C and "
+                        "SIGTERM save the step in flight too")
     g.add_argument("--log_every", type=int, default=10, help="log the loss parts every this many steps")
     g.add_argument("--val_every", type=int, default=500,
                    help="validate on the holdout normal images every this many steps, and at the end (0: end only)")
@@ -870,46 +895,82 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     bar = tqdm(total=(total - start) * args.batch_size, unit="img", desc=stage, dynamic_ncols=True,
                disable=None)
     model.train()
-    t0, step = time.time(), start
-    with open(log_path, "a") as log:
-        log.write(json.dumps({"start_step": start, "total_steps": total, "args": plain(args)}) + "\n")
-        for step, batch in enumerate(loader, start=start + 1):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast(device, args.amp):
-                loss, parts = loss_fn(net, batch)
-            if not torch.isfinite(loss):
-                bar.close()
-                kept = f"the last good checkpoint is kept at {ckpt_path}" if Path(ckpt_path).is_file() \
-                    else "no checkpoint was written"
-                raise UserError(f"{stage}: loss is {loss.item()} at step {step}; stopped, {kept}. "
-                                f"Lower --lr (now {args.lr}) and run again")
-            if lr_at is not None:
-                for group in opt.param_groups:
-                    group["lr"] = args.lr * lr_at(step, total)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(args.batch_size)
-            time_up = args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
-            if step % args.log_every == 0 or step == total or time_up:
-                parts = {k: round(float(v), 6) for k, v in parts.items()}
-                bar.set_postfix(step=step, loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in parts.items()})
-                log.write(json.dumps({"step": step, "loss": loss.item(), **parts,
-                                      "img_per_s": round((step - start) * args.batch_size / (time.time() - t0), 2)}) + "\n")
-                log.flush()
-            if step % args.save_every == 0 and step < total and not time_up:
-                save(step)
-            if time_up:
-                print(f"\n{stage}: --max_minutes {args.max_minutes} reached at step {step} of {total}")
-                break
-            if validate is not None and args.val_every and step % args.val_every == 0 and step < total:
-                _validate(validate, model, step, log, extra)
+    t0 = last_save = time.time()
+    done = saved = start  # the last finished step, the last step on disk (start: nothing new yet)
+    stop = []  # a signal asked to stop: the step in flight finishes, its state is saved, then we exit
+
+    def request_stop(signum, frame):
+        if stop:  # the second Ctrl-C: stop at once (a step may be half applied: nothing more is saved)
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name} twice", signum)
+        stop.append(signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        with open(log_path, "a") as log:
+            log.write(json.dumps({"start_step": start, "total_steps": total, "args": plain(args)}) + "\n")
+            for step, batch in enumerate(loader, start=start + 1):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast(device, args.amp):
+                    loss, parts = loss_fn(net, batch)
+                if not torch.isfinite(loss):
+                    bar.close()
+                    kept = f"the last good checkpoint is kept at {ckpt_path}" if Path(ckpt_path).is_file() \
+                        else "no checkpoint was written"
+                    raise UserError(f"{stage}: loss is {loss.item()} at step {step}; stopped, {kept}. "
+                                    f"Lower --lr (now {args.lr}) and run again")
+                if lr_at is not None:
+                    for group in opt.param_groups:
+                        group["lr"] = args.lr * lr_at(step, total)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                done = step
+                bar.update(args.batch_size)
+                time_up = args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
+                if step % args.log_every == 0 or step == total or time_up or stop:
+                    parts = {k: round(float(v), 6) for k, v in parts.items()}
+                    bar.set_postfix(step=step, loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in parts.items()})
+                    log.write(json.dumps({"step": step, "loss": loss.item(), **parts,
+                                          "img_per_s": round((step - start) * args.batch_size / (time.time() - t0), 2)}) + "\n")
+                    log.flush()
+                if stop:
+                    raise Interrupted(f"interrupted by {signal.Signals(stop[0]).name}", stop[0])
+                every_min = args.save_every_min and time.time() - last_save >= 60 * args.save_every_min
+                if (step % args.save_every == 0 or every_min) and step < total and not time_up:
+                    save(step)
+                    saved, last_save = step, time.time()
+                if time_up:
+                    print(f"\n{stage}: --max_minutes {args.max_minutes} reached at step {step} of {total}")
+                    break
+                if validate is not None and args.val_every and step % args.val_every == 0 and step < total:
+                    _validate(validate, model, step, log, extra)
+    except (KeyboardInterrupt, RuntimeError) as e:
+        if not isinstance(e, KeyboardInterrupt) and not stop:  # a real error, not a loader worker killed by Ctrl-C
+            raise
+        bar.close()
+        forced = isinstance(e, Interrupted) and "twice" in e.message
+        if done > saved and not forced:
+            save(done)
+            saved = done
+        signum = stop[0] if stop else getattr(e, "signum", signal.SIGINT)
+        if saved > 0:
+            on_disk = f"{ckpt_path} holds step {saved} of {total}; run the same command to resume"
+        elif Path(ckpt_path).is_file():
+            on_disk = f"no checkpoint of this run yet ({ckpt_path} still holds the run --overwrite replaces)"
+        else:
+            on_disk = f"no checkpoint yet (nothing written to {ckpt_path}); run the same command to start again"
+        raise Interrupted(f"{stage}: interrupted by {signal.Signals(signum).name} after step {done}: {on_disk}",
+                          signum, told=True) from None
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     bar.close()
     if validate is not None:
         with open(log_path, "a") as log:
-            _validate(validate, model, step, log, extra)
-    save(step)
-    print(f"{stage}: {step} steps in {time.time() - t0:.0f}s -> {ckpt_path}")
+            _validate(validate, model, done, log, extra)
+    save(done)
+    print(f"{stage}: {done} steps in {time.time() - t0:.0f}s -> {ckpt_path}")
     release_memory()  # the next work in this process (another stage, evaluation) has other shapes
     return load_checkpoint(ckpt_path, stage)
 

@@ -444,7 +444,7 @@ def test_train_loop_applies_lr_schedule_and_drops_optimizer_when_done(tmp_path):
         return 0.5 if step > 2 else 1.0
 
     args = Namespace(device="cpu", lr=0.1, epochs=1, batch_size=2, max_steps=4, overwrite=False, compile=0,
-                     seed=0, workers=0, amp=0, log_every=1, save_every=2, max_minutes=None)
+                     seed=0, workers=0, amp=0, log_every=1, save_every=2, save_every_min=0, max_minutes=None)
     ck = common.train(stage="t", model=model, model_config={}, args=args, images=torch.zeros(8, 3, 4, 4, dtype=torch.uint8),
                       make_batch=lambda x, gen: {"x": x}, loss_fn=loss_fn, ckpt_path=tmp_path / "t.pt", lr_at=lr_at)
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
