@@ -383,6 +383,11 @@ def holdout_indices(n, frac):
     return train, hold
 
 
+def why_no_holdout(holdout):
+    """Why a run has no holdout images: --holdout 0, or a train/good too small to spare one."""
+    return "--holdout 0" if not holdout else f"train/good too small to keep a --holdout {holdout} of it"
+
+
 def train_images(args, part="train"):
     """uint8 (M, 3, H, W) images of train/good: part 'train' (what every stage trains on) or 'holdout'
     (kept out of all training, for threshold calibration)."""
@@ -587,26 +592,40 @@ def default_out(data):
     return str(Path("runs") / p.parent.name / p.name)
 
 
+# The ranges check_flags knows: rule -> (test, what the error says)
+RANGES = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
+          "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"), "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+          "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"), "0/1": (lambda v: v in (0, 1), "0 or 1"),
+          "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"), "odd": (lambda v: v >= 1 and v % 2, "an odd number >= 1")}
+
+
+def check_flags(args, **rules):
+    """Refuse a numeric flag out of its range with one line: check_flags(args, lr=">0") -> UserError
+    "--lr must be > 0 (got -1.0)". None (not given, or inherited later) passes; nan and inf never do. A
+    list-valued flag (nargs="+") is checked element by element."""
+    for k, rule in rules.items():
+        v = getattr(args, k, None)
+        test, what = RANGES[rule]
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if x is not None and not (math.isfinite(x) and test(x)):
+                raise UserError(f"--{k} must be {what} (got {v})")
+
+
 def finish_args(args):
     """Validate the shared flags and fill derived ones; returns args."""
     if args.out is None:
         args.out = default_out(args.data)
-    depth = getattr(args, "depth", None)
-    if depth is not None and depth < 1:
-        raise UserError(f"--depth must be >= 1 (got {depth})")
+    check_flags(args, depth=">=1", epochs=">=1", batch_size=">=1", max_steps=">=0", max_minutes=">=0",
+                holdout="[0,1)", workers=">=0", lr=">0", seed="seed", amp="0/1", compile="0/1", save_every=">=1",
+                save_every_min=">=0", log_every=">=1", val_every=">=0")
     if args.image_size is not None:
-        check_size(args.image_size, depth or 0)
-    for k in ("epochs", "batch_size"):
-        if getattr(args, k) is not None and getattr(args, k) < 1:
-            raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
-    if args.max_steps is not None and args.max_steps < 0:
-        raise UserError(f"--max_steps must be >= 0 (got {args.max_steps})")
-    if args.holdout is not None and not 0 <= args.holdout < 1:
-        raise UserError(f"--holdout must be in [0, 1) (got {args.holdout})")
+        check_size(args.image_size, getattr(args, "depth", None) or 0)
     return args
 
 
 def check_size(image_size, depth):
+    if image_size < 1:
+        raise UserError(f"--image_size must be >= 1 (got {image_size})")
     k = 2 ** depth
     if image_size < k or image_size % k:
         ok = max(k, round(image_size / k) * k)
@@ -699,8 +718,10 @@ def load_checkpoint(path, stage, hint=""):
         raise UserError(f"no {stage} checkpoint at {path}" + (f": run `{hint}` first" if hint else ""))
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file: say which, not where in torch it broke
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # empty, truncated or foreign: say so and how to fix it, not torch's advice
+        what = "is empty" if path.stat().st_size == 0 else f"is not a checkpoint this code wrote ({type(e).__name__})"
+        fix = f"`{hint} --overwrite`" if hint else "its training command with --overwrite"
+        raise UserError(f"{path} {what}: run {fix} to write it again") from None
     if not isinstance(ck, dict) or ck.get("stage") != stage:
         got = ck.get("stage") if isinstance(ck, dict) else type(ck).__name__
         raise UserError(f"{path} is a '{got}' checkpoint, expected '{stage}'" + (f" (made by `{hint}`)" if hint else ""))

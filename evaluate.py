@@ -102,10 +102,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.data is None and (args.predict is None or args.out is None):
         raise UserError("pass --data (a category or a folder of categories), or --predict IMG with --out")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1 (got {args.batch_size})")
-    if args.topk_frac is not None and not 0 < args.topk_frac <= 1:
-        raise UserError(f"--topk_frac must be in (0, 1] (got {args.topk_frac})")
+    common.check_flags(args, workers=">=0", sigma=">=0", topk_frac="(0,1]", batch_size=">=1", n_figures=">=0")
     return args
 
 
@@ -656,7 +653,7 @@ def holdout_threshold(st, fn, variant, args, device):
     if variant == "crd":
         if cal.get("image_threshold") is None:
             raise UserError("the stage3_crd.pt has no calibrated image threshold (stage 3 unfinished, or trained "
-                            "with --holdout 0): finish `python stage3_crd.py --data PATH`")
+                            "without holdout images): finish `python stage3_crd.py --data PATH`")
         return float(cal["image_threshold"]), 1.0  # M_A is in [0, 1]
     ck = st["stage1_rcae"][1]
     data = args.data or ck["args"]["data"]
@@ -667,8 +664,8 @@ def holdout_threshold(st, fn, variant, args, device):
                         f"is not there: pass --data with the category the stages were trained on")
     images = common.train_images(hold, part="holdout")  # (K, 3, H, W) uint8
     if not len(images):
-        raise UserError(f"--variant {variant} needs holdout images to calibrate its threshold, but stage 1 was "
-                        f"trained with --holdout {hold.holdout}")
+        raise UserError(f"--variant {variant} needs holdout images to calibrate its threshold, and stage 1 kept "
+                        f"none ({common.why_no_holdout(hold.holdout)})")
     maps, scores, _, _ = run_variant(fn, images, device, args.batch_size, f"holdout {variant}")
     q = cal.get("quantile") or 0.99
     return float(torch.quantile(torch.from_numpy(scores).double(), q)), float(maps.max())

@@ -49,7 +49,9 @@ def get_args(argv=None):
     g.add_argument("--anomaly_size", choices=common.ANOMALY_SIZES, default="scaled",
                    help="pseudo-anomaly sizes: the paper's 32-128 px blocks scaled by image_size/1024, in pixels "
                         "of this resolution, or relative to the image (see common.pseudo_anomaly)")
-    return common.finish_args(p.parse_args(argv))
+    args = common.finish_args(p.parse_args(argv))
+    common.check_flags(args, width=">=1", input_norm="0/1", anomaly_prob="[0,1]")
+    return args
 
 
 # ----------------------------------------------------------------------------- model
@@ -141,7 +143,9 @@ class RcAE(nn.Module):
 
     def forward(self, x, n=None):
         """The depth-n reconstruction I_R^n of x (B, C, H, W); n defaults to N."""
-        n = n or self.cfg.depth
+        n = self.cfg.depth if n is None else n
+        if not 1 <= n <= self.cfg.depth:
+            raise ValueError(f"recursion depth n={n} is not in 1..N={self.cfg.depth}")
         return self.reconstruct(self.compress(x, n)[-1], n)  # (B, C, H, W)
 
     def reconstruct_all(self, x, depths=None):

@@ -39,7 +39,9 @@ def get_args(argv=None):
     g.add_argument("--width", type=int, default=32, help="hidden width of the DPN autoencoder (paper: not given)")
     g = p.add_argument_group("upstream (stage 2)")
     g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen; None = <out>/stage1_rcae.pt")
-    return common.finish_args(p.parse_args(argv))
+    args = common.finish_args(p.parse_args(argv))
+    common.check_flags(args, width=">=1")
+    return args
 
 
 def upstream_rcae(args):

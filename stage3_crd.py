@@ -68,11 +68,7 @@ def get_args(argv=None):
     g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen; None = <out>/stage1_rcae.pt")
     g.add_argument("--dpn", default=None, help="stage-2 checkpoint of the same RcAE, frozen; None = <out>/stage2_dpn.pt")
     args = common.finish_args(p.parse_args(argv))
-    if not 0 < args.topk_frac <= 1:
-        raise UserError(f"--topk_frac must be in (0, 1] (got {args.topk_frac})")
-    for k in ("threshold_quantile", "anomaly_prob"):
-        if not 0 <= getattr(args, k) <= 1:
-            raise UserError(f"--{k} must be in [0, 1] (got {getattr(args, k)})")
+    common.check_flags(args, width=">=1", topk_frac="(0,1]", threshold_quantile="[0,1]", anomaly_prob="[0,1]")
     return args
 
 
@@ -275,7 +271,8 @@ def calibrate(detector, images, args):
         scores += detector.predict(x)["score"].float().cpu().tolist()
     threshold = float(torch.quantile(torch.tensor(scores), args.threshold_quantile)) if scores else None
     if threshold is None:
-        common.warn("no holdout images (--holdout 0): image_threshold is None; calibrate it elsewhere")
+        common.warn(f"no holdout images ({common.why_no_holdout(args.holdout)}): image_threshold is None; "
+                    f"calibrate it elsewhere")
     return {"topk_frac": args.topk_frac, "quantile": args.threshold_quantile, "image_threshold": threshold,
             "holdout_scores": scores}
 

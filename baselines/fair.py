@@ -79,13 +79,8 @@ def get_args(argv=None):
     g.add_argument("--k_color", type=float, default=3e-4, help="weight k of A_color in Eq. (10) (paper: 3e-4)")
     g.add_argument("--smooth", type=int, default=21, help="side of the mean filter f_mean of Eq. (10) (paper: 21)")
     args = common.finish_args(p.parse_args(argv))
-    if args.base < 1 or args.order < 1 or args.d0 <= 0:
-        raise common.UserError(f"--base and --order must be >= 1 and --d0 > 0 (got {args.base}, {args.order}, {args.d0})")
-    for k in ("cutpaste_prob", "perlin_prob"):
-        if not 0 <= getattr(args, k) <= 1:
-            raise common.UserError(f"--{k} must be in [0, 1] (got {getattr(args, k)})")
-    if args.smooth < 1 or args.smooth % 2 == 0:
-        raise common.UserError(f"--smooth must be an odd number >= 1 (got {args.smooth})")
+    common.check_flags(args, base=">=1", d0=">0", order=">=1", cutpaste_prob="[0,1]", perlin_prob="[0,1]",
+                       k_color=">=0", smooth="odd")
     return args
 
 

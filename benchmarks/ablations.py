@@ -55,11 +55,11 @@ def get_args(argv=None):
     p.add_argument("--test", type=int, default=0, help="1: also score every row on the test split (evaluate.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of every row")
     args = p.parse_args(argv)
-    args.steps = [int(s) for s in str(args.steps).split(",")]
-    if any(s < 1 for s in args.steps):
-        raise common.UserError(f"--steps must be positive (got {args.steps})")
-    if args.dark is not None and not 0 < args.dark <= 1:
-        raise common.UserError(f"--dark must be in (0, 1] (got {args.dark})")
+    try:
+        args.steps = [int(s) for s in str(args.steps).split(",")]
+    except ValueError:
+        raise common.UserError(f"--steps {args.steps}: give one step count or three, e.g. 800 or 800,400,400") from None
+    common.check_flags(args, steps=">=1", image_size=">=1", dark="(0,1]", test="0/1", seed="seed")
     return args
 
 

@@ -80,3 +80,86 @@ def test_sigterm_finishes_the_step_saves_it_and_exits_143(toy_data, tmp_path, mo
     assert "interrupted by SIGTERM after step 2" in err and "holds step 2 of 5" in err
     assert torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["step"] == 2
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
+
+
+# ----------------------------------------------------------------------------- bad flags
+
+
+def numeric_flags():
+    """(module, required argv, flag) for every int/float flag of every script, read from its own parser."""
+    import argparse
+    import importlib
+    scripts = {"stage1_rcae": ["--data", "x"], "stage2_dpn": ["--data", "x"], "stage3_crd": ["--data", "x"],
+               "baselines.fair": ["--data", "x"], "evaluate": ["--data", "x"],
+               "benchmarks.compare": ["--data", "x"], "benchmarks.ablations": ["--study", None, "--data", "x"],
+               "benchmarks.speed": [], "benchmarks.optimisations": []}
+    cases = []
+    for name, argv in scripts.items():
+        mod, parsers = importlib.import_module(name), []
+        argv = [a if a is not None else sorted(mod.STUDIES)[0] for a in argv]  # ablations: any study
+        real = argparse.ArgumentParser.parse_args
+        argparse.ArgumentParser.parse_args = lambda self, *a, **k: (parsers.append(self), real(self, *a, **k))[1]
+        try:
+            with pytest.raises(SystemExit), open(os.devnull, "w") as null, __import__("contextlib").redirect_stdout(null):
+                mod.get_args(argv + ["--help"])
+        finally:
+            argparse.ArgumentParser.parse_args = real
+        cases += [(name, argv, a.option_strings[0]) for a in parsers[0]._actions
+                  if a.type in (int, float) and a.help != argparse.SUPPRESS]
+    return cases
+
+
+@pytest.mark.parametrize("name,argv,flag", numeric_flags())
+def test_every_numeric_flag_is_range_checked_in_one_line(name, argv, flag, capsys):
+    """-1 is out of range for every numeric flag (none may be negative): one line, exit 2, before any work."""
+    import importlib
+    mod = importlib.import_module(name)
+    assert run(argv + [flag, "-1"], main=mod.get_args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} must be") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags", [["--lr", "nan"], ["--lr", "inf"], ["--anomaly_prob", "1.5"],
+                                   ["--holdout", "1"], ["--amp", "2"], ["--image_size", "0"]])
+def test_stage1_flags_out_of_range(flags, capsys):
+    assert run(["--data", "x"] + flags, main=stage1_rcae.get_args) == 2
+    assert capsys.readouterr().err.startswith(f"error: {flags[0]} must be")
+
+
+def test_recursion_depth_must_be_in_1_to_n():
+    model = stage1_rcae.RcAE(stage1_rcae.Config(width=4, depth=2))
+    x = torch.rand(1, 3, 16, 16)
+    for n in (0, 3, -1):
+        with pytest.raises(ValueError, match=f"n={n} is not in 1..N=2"):
+            model(x, n)
+    assert model(x).shape == model(x, 2).shape == x.shape
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+
+
+@pytest.mark.parametrize("content", ["empty", "random", "truncated"])
+def test_broken_checkpoint_is_one_line_naming_overwrite(toy_data, tmp_path, content, capsys):
+    path = tmp_path / "stage1_rcae.pt"
+    if content == "truncated":
+        stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1))
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        path.write_bytes(b"" if content == "empty" else os.urandom(4096))
+    for main in (stage1_rcae.main, __import__("stage2_dpn").main):  # its own stage, and the next one reading it
+        assert run(quick_args(toy_data, tmp_path, max_steps=1), main=main) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}") and err.count("\n") == 1, err
+        assert "--overwrite" in err and "weights_only" not in err and "Traceback" not in err
+    assert "is empty" in err if content == "empty" else "not a checkpoint this code wrote" in err
+
+
+def test_one_image_category_does_not_blame_a_holdout_flag_never_passed(tmp_path, capsys):
+    import stage2_dpn
+    import stage3_crd
+    data = common.make_synthetic_category(tmp_path / "one", size=32, n_train=1, n_test_good=1, n_test_bad=1)
+    argv = quick_args(data, tmp_path / "run", image_size=32, depth=2, max_steps=1)
+    for main in (stage1_rcae.main, stage2_dpn.main, stage3_crd.main):
+        main(argv)
+    err = capsys.readouterr().err
+    assert "(--holdout 0)" not in err and "train/good too small to keep a --holdout 0.1" in err

@@ -227,7 +227,7 @@ def test_make_batch_without_anomalies_gives_zero_masks():
 def test_calibrate_without_holdout_warns(capsys):
     det = stage3_crd.Detector(rcae(), DPN(stage2_dpn.Config(depth=3, width=8)),
                               CRD(stage3_crd.Config(depth=3, width=4)))
-    args = SimpleNamespace(batch_size=4, topk_frac=0.01, threshold_quantile=0.99)
+    args = SimpleNamespace(batch_size=4, topk_frac=0.01, threshold_quantile=0.99, holdout=0)
     cal = stage3_crd.calibrate(det, torch.zeros(0, 3, 32, 32, dtype=torch.uint8), args)
     assert cal["image_threshold"] is None and cal["holdout_scores"] == []
     assert "holdout" in capsys.readouterr().err
