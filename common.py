@@ -1,6 +1,6 @@
 """Shared plumbing for the three RcAE stages, evaluate.py and the FAIR baseline.
 
-Only what every stage shares lives here (STYLE.md rule 8); each stage file defines its own network
+Only what every stage shares lives here; each stage file defines its own network
 and loss and nothing else.
 
     data      loaders of every supported layout (detect_layout), --resize, decoded once into an in-memory
@@ -29,7 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -356,8 +356,12 @@ def load_split(data, split, image_size, workers=4, resize="squash"):
     if resize not in RESIZE:
         raise UserError(f"--resize {resize}: choose one of {', '.join(RESIZE)}")
     samples = list_samples(data, split)
-    with ThreadPoolExecutor(4 if not workers else workers) as pool:
-        decoded = list(pool.map(lambda s: _decode(s, image_size, resize), samples))
+    decode = partial(_decode, size=image_size, resize=resize)
+    if workers == 0:  # --workers 0: nothing runs beside the calling thread
+        decoded = [decode(s) for s in samples]
+    else:
+        with ThreadPoolExecutor(workers or 4) as pool:
+            decoded = list(pool.map(decode, samples))
     keep = [i for i, d in enumerate(decoded) if d is not None]
     if not keep:
         raise UserError(f"none of the {len(samples)} {split} images in {data} could be read")
@@ -539,37 +543,53 @@ INHERITED = ("image_size", "depth", "holdout", "resize")  # settings a downstrea
 BEFORE_FLAG = {"resize": "squash"}  # what a checkpoint written before a flag existed did
 
 
-def add_shared_args(p, recursion=True, upstream=False, **defaults):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default printed once: not appended where the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text.lower() else super()._get_help_string(action)
+
+
+def add_shared_args(p, recursion=True, upstream=False, paper="paper", **defaults):
     """The flags every stage shares (names fixed: later stages, evaluate and the checks rely on them).
 
-    `defaults` overrides per stage. upstream=True (stages 2 and 3) makes the INHERITED flags default to
-    None, "inherit from the upstream checkpoint"; an explicit value must agree with it (see inherit).
-    recursion=False leaves out --depth (the FAIR baseline has no recursion)."""
+    `defaults` overrides per stage, with the values of its paper (`paper` names it in --help). upstream=True
+    (stages 2 and 3) makes the INHERITED flags default to None, "inherit from the stage-1 checkpoint"; an
+    explicit value must agree with it (see inherit). recursion=False leaves out --depth (the FAIR baseline
+    has no recursion)."""
     d = dict(image_size=1024, epochs=100, batch_size=8, lr=1e-4, depth=5, holdout=0.1, resize="squash")
-    d.update({k: None for k in INHERITED} if upstream else {})
     d.update(defaults)
+    said = {k: f"(default: {d[k]}, as in the {paper})" for k in ("image_size", "depth", "epochs")}
+    if upstream:
+        d.update({k: None for k in INHERITED})
+        said.update({k: "(default: inherited from stage 1)" for k in INHERITED})
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="category folder in a supported layout (README): MVTec AD (e.g. "
                                                  "mvtec/bottle), MVTec AD 2, BTAD, MPDD, VisA (visa/candle), plain")
     g.add_argument("--out", default=None, help="output folder (default: runs/<parent>/<category>)")
-    g.add_argument("--image_size", type=int, default=d["image_size"], help="square input size (paper: 1024)")
+    g.add_argument("--image_size", type=int, default=d["image_size"], help=f"square input size {said['image_size']}")
     g.add_argument("--resize", choices=RESIZE, default=d["resize"],
-                   help="non-square images: squash (paper), pad (letterbox) or crop (centre) to the square input")
+                   help="non-square images: squash (paper), pad (letterbox) or crop (centre) to the square input"
+                        + (f" {said['resize']}" if upstream else ""))
     g.add_argument("--holdout", type=float, default=d["holdout"],
-                   help="fraction of train/good kept out of training to calibrate the image threshold")
+                   help="fraction of train/good kept out of training to calibrate the image threshold"
+                        + (f" {said['holdout']}" if upstream else ""))
     g.add_argument("--workers", type=int, default=None,
                    help="batch-making worker processes (and image-decoding threads); default: 0 when training "
                         "on the CPU, where workers compete with the compute threads (x0.78 measured), else 4")
     if recursion:
         g = p.add_argument_group("model")
-        g.add_argument("--depth", type=int, default=d["depth"], help="recursion depth N (paper: 5)")
+        g.add_argument("--depth", type=int, default=d["depth"], help=f"recursion depth N {said['depth']}")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d["epochs"], help="passes over train/good")
+    g.add_argument("--epochs", type=int, default=d["epochs"], help=f"passes over train/good {said['epochs']}")
     g.add_argument("--max_steps", type=int, default=None, help="cap on optimiser steps (quick runs)")
     g.add_argument("--max_minutes", type=float, default=None,
                    help="stop (and checkpoint) after this much training time; the same command resumes")
-    g.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per step (paper: not given)")
-    g.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (paper: 1e-4, betas 0.9/0.999, eps 1e-8)")
+    g.add_argument("--batch_size", type=int, default=d["batch_size"],
+                   help=f"images per step (default: {d['batch_size']}, as in the {paper})" if "batch_size" in defaults
+                   else "images per step (paper: not given)")
+    g.add_argument("--lr", type=float, default=d["lr"], help=f"Adam learning rate ({paper}: 1e-4, betas 0.9/0.999)")
     g = p.add_argument_group("runtime / io")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--seed", type=int, default=0, help="seed of weights, batches and augmentation")
@@ -695,7 +715,8 @@ def plain(d):
 
 
 def save_checkpoint(path, stage, model, model_config, args, step, **extra):
-    """Atomic write of the self-describing checkpoint of STYLE.md rule 7 (temp file + rename)."""
+    """Atomic write (temp file + rename) of a self-describing checkpoint: {stage, model (state_dict),
+    model_config, args, step, version, **extra}, tensors and plain types only (loads with weights_only=True)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ck = dict(stage=stage, model=model.state_dict(), model_config=plain(model_config), args=plain(args),

@@ -1,6 +1,6 @@
 """Evaluate RcAE (and the FAIR baseline) on the test split: I-AUROC, P-AUROC, AUPRO, speed, memory.
 
-The only code that reads the test split (STYLE.md rule 12). It finds the checkpoints in <out> and
+The only code that reads the test split. It finds the checkpoints in <out> and
 evaluates every variant they allow, which is the paper's Table 2 ablation from one command:
 
     rcae       map |I - I_R^N| (mean over channels), score top-k mean                            stage 1
@@ -75,7 +75,7 @@ HOW = {"stage1_rcae": "python stage1_rcae.py --data {data}", "stage2_dpn": "pyth
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="a category (mvtec/bottle) or a folder of categories (mvtec)")
     g.add_argument("--out", default=None, help="checkpoint and output folder (default: runs/<parent>/<category>); "
@@ -149,7 +149,7 @@ def best_f1(labels, scores):
 
 
 def aupro(masks, maps, fpr_limit=0.3):
-    """Area under the per-region-overlap curve up to FPR `fpr_limit`, normalised by it (DESIGN.md), exact.
+    """Area under the per-region-overlap curve up to FPR `fpr_limit`, normalised by it (README, "Reading the paper"), exact.
 
     Every distinct score t is a threshold (a pixel is positive when its score >= t). Regions are the
     8-connected components of each ground-truth mask. FPR(t) is the fraction of normal pixels (of all

@@ -31,7 +31,7 @@ STAGE = "stage1_rcae"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     common.add_shared_args(p, epochs=1500)  # paper: 1500 epochs for stage 1
     g = p.add_argument_group("model (stage 1)")
     g.add_argument("--width", type=int, default=32, help="hidden width inside E and D (paper: not given)")

@@ -39,13 +39,13 @@ STAGE = "stage3_crd"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     common.add_shared_args(p, upstream=True, epochs=300)  # paper: 300 epochs
     g = p.add_argument_group("model (stage 3)")
     g.add_argument("--width", type=int, default=16, help="CRD base width w; levels have w, 2w, 4w, 8w (paper: not given)")
     g.add_argument("--use_depths", default=None,
-                   help="recursion depths fed to CRD, comma-separated, e.g. 1,3,5; None = all 1..N "
-                        "(paper; Table 6 ablates 5 and 1,3,5)")
+                   help="recursion depths fed to CRD, comma-separated, e.g. 1,3,5 (default: all of 1..N, "
+                        "as in the paper; its Table 6 ablates 5 and 1,3,5)")
     g.add_argument("--crd_input", choices=["image", "residual"], default="image",
                    help="what CRD sees of each depth next to I: the refined I_D^n (paper, Eq. (8)) or the residual "
                         "I - I_D^n")
@@ -65,8 +65,8 @@ def get_args(argv=None):
     g.add_argument("--threshold_quantile", type=float, default=0.99,
                    help="image threshold = this quantile of the holdout normal scores (not in the paper)")
     g = p.add_argument_group("upstream (stage 3)")
-    g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen; None = <out>/stage1_rcae.pt")
-    g.add_argument("--dpn", default=None, help="stage-2 checkpoint of the same RcAE, frozen; None = <out>/stage2_dpn.pt")
+    g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen (default: <out>/stage1_rcae.pt)")
+    g.add_argument("--dpn", default=None, help="stage-2 checkpoint of the same RcAE, frozen (default: <out>/stage2_dpn.pt)")
     args = common.finish_args(p.parse_args(argv))
     common.check_flags(args, width=">=1", topk_frac="(0,1]", threshold_quantile="[0,1]", anomaly_prob="[0,1]")
     return args

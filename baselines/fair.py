@@ -1,4 +1,5 @@
-"""FAIR baseline: Frequency-aware Image Restoration (papers/fair_paper.txt, Sec. 3.1-3.4, 4.3, 5.3-5.6).
+"""FAIR baseline: "Frequency-aware Image Restoration for Industrial Visual Anomaly Detection" (Sec. 3.1-3.4,
+4.3, 5.3-5.6 of that paper; README, "Reading the paper").
 
 A UNet restores the RGB image from the high-frequency part of its grayscale version; anomalies, whose
 low frequencies the network cannot infer from normal data, are restored badly and show up in a
@@ -10,7 +11,7 @@ perceptual comparison of image and restoration.
     restore     I^r = UNet(I'_h), trained with l2(I, I^r) + (1 - SSIM(I, I^r))              Eq. (7)
     score       A = mean21x21(k * A_color + A_gradient), image score = max A              Eq. (8)-(10)
 
-Paper vs published code vs this file (DESIGN.md, "The FAIR baseline"):
+Paper vs published code vs this file:
 - Training anomalies. Paper: DRAEM's Perlin-shaped anomalies textured from DTD, plus large CutPaste
   (>50% of the image), proportions not given. Published code: also NSA (Poisson-blended) anomalies,
   CutPaste 20% of the time. Here: the paper's "noDTD" variant (Sec. 5.6), textures from another random
@@ -57,8 +58,8 @@ FILTERS = ("butterworth", "ideal", "gaussian", "sobel")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_shared_args(p, recursion=False, epochs=800, image_size=256, batch_size=8)  # paper Sec. 4.3 (MVTec AD; VisA: 400 epochs)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
+    common.add_shared_args(p, recursion=False, paper="FAIR paper", epochs=800, image_size=256, batch_size=8)  # paper Sec. 4.3 (MVTec AD; VisA: 400 epochs)
     g = p.add_argument_group("model (FAIR)")
     g.add_argument("--base", type=int, default=128, help="UNet base width c (paper Sec. 4.3: 128)")
     g.add_argument("--filter", choices=FILTERS, default="butterworth",

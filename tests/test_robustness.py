@@ -163,3 +163,40 @@ def test_one_image_category_does_not_blame_a_holdout_flag_never_passed(tmp_path,
         main(argv)
     err = capsys.readouterr().err
     assert "(--holdout 0)" not in err and "train/good too small to keep a --holdout 0.1" in err
+
+
+# ----------------------------------------------------------------------------- --help
+
+
+def help_of(main_module, capsys):
+    import importlib
+    with pytest.raises(SystemExit):
+        importlib.import_module(main_module).get_args(["--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+
+
+@pytest.mark.parametrize("name", ["stage1_rcae", "stage2_dpn", "stage3_crd", "baselines.fair", "evaluate"])
+def test_help_prints_each_default_once(name, capsys):
+    import re
+    text = help_of(name, capsys)
+    assert not re.search(r"\(default:[^)]*\)(?:(?! --).)*\(default:", text), text
+    if name.startswith("stage"):
+        epochs = {"stage1_rcae": 1500, "stage2_dpn": 400, "stage3_crd": 300}[name]
+        assert f"passes over train/good (default: {epochs}, as in the paper)" in text
+    if name in ("stage2_dpn", "stage3_crd"):
+        for flag in common.INHERITED:
+            assert re.search(rf"--{flag} \S+ (?:(?! --).)*\(default: inherited from stage 1\)", text), flag
+        assert "1024" not in text.split("--image_size IMAGE_SIZE")[1].split("--")[0]
+    if name == "baselines.fair":
+        assert "square input size (default: 256, as in the FAIR paper)" in text and "1024" not in text
+
+
+def test_workers_0_decodes_in_the_calling_thread(tmp_path, monkeypatch):
+    import threading
+    data = common.make_synthetic_category(tmp_path / "d", size=16, n_train=3, n_test_good=1, n_test_bad=1)
+    threads, real = set(), common._decode
+    monkeypatch.setattr(common, "_decode", lambda *a, **k: (threads.add(threading.current_thread()), real(*a, **k))[1])
+    common.load_split(data, "train", 16, 0)
+    assert threads == {threading.current_thread()}
+    common.load_split(data, "train", 16, 2)
+    assert len(threads) > 1  # workers > 0: a pool of decoding threads
