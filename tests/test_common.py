@@ -385,7 +385,7 @@ def test_checkpoint_roundtrip_and_wrong_stage(tmp_path):
     with pytest.raises(UserError, match="no s2 checkpoint .*run `python x.py` first"):
         common.load_checkpoint(tmp_path / "none.pt", "s2", hint="python x.py")
     (tmp_path / "junk.pt").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="not a readable checkpoint"):
+    with pytest.raises(UserError, match="not a checkpoint this code wrote.*--overwrite"):
         common.load_checkpoint(tmp_path / "junk.pt", "s1")
 
 
