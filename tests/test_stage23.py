@@ -114,12 +114,24 @@ def test_dpn_gradients_reach_every_parameter_and_never_the_rcae():
 
 
 @pytest.mark.parametrize("size,depths", [(16, [3]), (20, [1, 3]), (64, [1, 2, 3, 4, 5])])
-def test_crd_shapes_and_range(size, depths):
+def test_crd_shapes(size, depths):
     crd = CRD(stage3_crd.Config(depth=5, width=4, use_depths=depths))
-    x = torch.randn(2, 6, len(depths), size, size) * 3
-    m = crd(x)
-    assert m.shape == (2, 1, size, size)
-    assert m.min() >= 0 and m.max() <= 1
+    assert crd(torch.randn(2, 6, len(depths), size, size)).shape == (2, 1, size, size)
+
+
+def test_crd_map_follows_the_image():
+    """M_A is local: a change in a 4x4 patch moves the map only near it, and shifting the input by a multiple
+    of the 8 px stride shifts the map by as much, away from the zero-padded borders."""
+    crd = CRD(stage3_crd.Config(depth=2, width=4))
+    x = torch.randn(1, 6, 2, 96, 96)
+    with torch.no_grad():
+        m = crd.logits(x)
+        shifted = crd.logits(torch.roll(x, 16, dims=-1))
+        assert torch.allclose(shifted[..., 32:80], torch.roll(m, 16, dims=-1)[..., 32:80], atol=1e-5)
+        x2 = x.clone()
+        x2[..., 10:14, 10:14] += 5
+        changed = ((crd.logits(x2) - m).abs() > 1e-5)[0, 0]  # (H, W)
+    assert changed[10:14, 10:14].all() and not changed[48:].any() and not changed[:, 48:].any()
 
 
 def test_crd_config_default_uses_every_depth():
