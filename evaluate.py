@@ -9,7 +9,7 @@ evaluates every variant they allow, which is the paper's Table 2 ablation from o
     fair       the FAIR baseline's map and image score (--method fair, baselines/fair.py)
 
 Every RcAE variant's map is smoothed alike (Gaussian, --sigma px) before scoring; metrics.json says how.
-FAIR keeps its own paper's post-processing (a 21x21 mean filter).
+FAIR keeps its own paper's post-processing (a 21x21 mean filter at 256 px, scaled with the image side).
 
 Image size, depth and --resize come from the stage-1 checkpoint (FAIR: its own). Masks are optional: I-AUROC
 and best F1 are over all test images, P-AUROC and AUPRO over the images whose pixel ground truth is known

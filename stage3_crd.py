@@ -182,16 +182,22 @@ def frozen_forward(rcae, dpn, x, depths, kind="image"):
 class Detector(nn.Module):
     """The trained chain RcAE -> DPN -> CRD, as evaluate.py, notebooks and benchmarks use it."""
 
-    def __init__(self, rcae, dpn, crd, topk_frac=0.01, image_threshold=None):
+    def __init__(self, rcae, dpn, crd, topk_frac=0.01, image_threshold=None, amp=1):
         super().__init__()
         self.rcae, self.dpn, self.crd = rcae, dpn, crd
         self.use_depths = list(crd.cfg.use_depths)
         self.topk_frac, self.image_threshold = topk_frac, image_threshold
+        self.amp = amp  # stage 3's --amp: CRD sees its input in the precision it was trained on
 
     def forward(self, x):
-        """x (B, C, H, W) in [0, 1] -> recons, refined (B, N, C, H, W) and map M_A (B, 1, H, W)."""
-        recons, refined, inp = frozen_forward(self.rcae, self.dpn, x, self.use_depths, self.crd.cfg.crd_input)
-        return {"recons": recons, "refined": refined, "map": self.crd(inp)}
+        """x (B, C, H, W) in [0, 1] -> recons, refined (B, N, C, H, W) and map M_A (B, 1, H, W), float32.
+
+        The precision path of stage 3's training loss: the frozen stages and CRD's logits under common.autocast
+        (bf16 on CUDA with --amp 1), the sigmoid in float32."""
+        with common.autocast(x.device, self.amp):
+            recons, refined, inp = frozen_forward(self.rcae, self.dpn, x, self.use_depths, self.crd.cfg.crd_input)
+            logits = self.crd.logits(inp)  # (B, 1, H, W)
+        return {"recons": recons.float(), "refined": refined.float(), "map": torch.sigmoid(logits.float())}
 
     @torch.inference_mode()
     def predict(self, x):
@@ -245,17 +251,15 @@ def validation_set(images, args, seed=0):
     return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size)  # (M, C, H, W), (M, 1, H, W)
 
 
-def validate(crd, rcae, dpn, val, batch_size=8):
+def validate(crd, rcae, dpn, val, batch_size=8, amp=1):
     """P-AUROC and AUPRO of CRD's map on the validation set: do the pseudo anomalies get found?
     (Not whether real defects do: that only the test split tells, and only evaluate.py reads it.)"""
     import evaluate  # the one home of the metrics; imported here, as evaluate imports this file
     images, masks = val
     device = next(crd.parameters()).device
-    maps = []
+    detector, maps = Detector(rcae, dpn, crd, amp=amp), []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device)
-        _, _, inp = frozen_forward(rcae, dpn, x, crd.cfg.use_depths, crd.cfg.crd_input)
-        maps.append(crd(inp).float().cpu())
+        maps.append(detector(images[i:i + batch_size].to(device))["map"].cpu())
     maps, masks = torch.cat(maps)[:, 0].numpy(), masks[:, 0].numpy()  # (M, H, W)
     return {"p_auroc": evaluate.pixel_auroc(masks, maps), "aupro": evaluate.aupro(masks, maps),
             "anomalous_px": float(masks.mean())}
@@ -301,10 +305,10 @@ def main(argv=None):
                                       loss=args.loss),
                       ckpt_path=path, extra={"upstream": ups},
                       validate=partial(validate, rcae=rcae, dpn=dpn, val=validation_set(holdout, args),
-                                       batch_size=args.batch_size) if len(holdout) else None)
+                                       batch_size=args.batch_size, amp=args.amp) if len(holdout) else None)
 
     # the threshold needs the trained CRD, so it is added to the final checkpoint afterwards (atomic rewrite)
-    cal = calibrate(Detector(rcae, dpn, model, topk_frac=args.topk_frac), holdout, args)
+    cal = calibrate(Detector(rcae, dpn, model, topk_frac=args.topk_frac, amp=args.amp), holdout, args)
     keep = {k: v for k, v in ck.items() if k not in ("stage", "model", "model_config", "args", "step", "version")}
     common.save_checkpoint(path, STAGE, model, ck["model_config"], args, ck["step"], **{**keep, "calibration": cal})
     print(f"{STAGE}: image threshold {cal['image_threshold']} = {cal['quantile']} quantile of "
@@ -354,7 +358,7 @@ def detector_of(chain):
     cal = ck.get("calibration") or {}
     return common.freeze(Detector(chain["stage1_rcae"][0], chain["stage2_dpn"][0], crd,
                                   topk_frac=cal.get("topk_frac", ck["args"]["topk_frac"]),
-                                  image_threshold=cal.get("image_threshold")))
+                                  image_threshold=cal.get("image_threshold"), amp=ck["args"].get("amp", 1)))
 
 
 def load_detector(out, rcae=None, dpn=None, crd=None):

@@ -31,7 +31,8 @@ Paper vs published code vs this file:
 - Learning rate: paper and code multiply it by 0.2 at 80% and 90% of training (`lr_factor`).
 - Score: paper Eq. (8)-(10) and code agree: MSGMS over 2 scales (full and 1/2, average-pooled, upsampled
   bilinearly), Prewitt kernels, c = 0.0026, on the luma (RIAD's code takes the channel mean); A_color =
-  da^2 + db^2 in CIELAB (sRGB, D65) with k = 3e-4; 21x21 mean filter with zero padding; image score =
+  da^2 + db^2 in CIELAB (sRGB, D65) with k = 3e-4; 21x21 mean filter with zero padding, given for 256 px
+  input and here scaled with the image side as D0 is (mean_filter_side: 11 at 128 px); image score =
   max of the map. The restoration is clipped to [0, 1] before scoring.
 
 GPU (paper settings):  python -m baselines.fair --data mvtec/bottle
@@ -78,7 +79,9 @@ def get_args(argv=None):
                         "default: the category's own training images (paper's noDTD)")
     g = p.add_argument_group("scoring (FAIR, Eq. (8)-(10))")
     g.add_argument("--k_color", type=float, default=3e-4, help="weight k of A_color in Eq. (10) (paper: 3e-4)")
-    g.add_argument("--smooth", type=int, default=21, help="side of the mean filter f_mean of Eq. (10) (paper: 21)")
+    g.add_argument("--smooth", type=int, default=21,
+                   help="side of the mean filter f_mean of Eq. (10) at 256x256 (paper: 21), scaled with the image "
+                        "side like --d0")
     args = common.finish_args(p.parse_args(argv))
     common.check_flags(args, base=">=1", d0=">0", order=">=1", cutpaste_prob="[0,1]", perlin_prob="[0,1]",
                        k_color=">=0", smooth="odd")
@@ -388,11 +391,20 @@ def color_anomaly(x, r):
     return (d ** 2).sum(1, keepdim=True)
 
 
+def mean_filter_side(smooth, h, w):
+    """The side of f_mean at h x w: `smooth` at 256x256 (the paper's 21, given for its 256 px input), scaled
+    with the image side as D0 is, so it covers the same part of the image at every size; the nearest odd
+    number (11 at 128 px, 41 at 512 px)."""
+    return max(1, 2 * round((smooth * math.sqrt(h * w) / 256 - 1) / 2) + 1)
+
+
 def anomaly_map(x, r, k=3e-4, smooth=21):
-    """Eq. (10): A_score = (k A_color + A_gradient) * f_mean (smooth x smooth, zero padding); image score
-    = max of the map. x, r: (B, 3, H, W) in [0, 1] -> (maps (B, 1, H, W), scores (B,))."""
+    """Eq. (10): A_score = (k A_color + A_gradient) * f_mean (zero padding, side `smooth` at 256 px, scaled:
+    mean_filter_side); image score = max of the map. x, r: (B, 3, H, W) in [0, 1] -> (maps (B, 1, H, W),
+    scores (B,))."""
     a = k * color_anomaly(x, r) + gradient_anomaly(x, r)  # (B, 1, H, W)
-    a = F.avg_pool2d(a, smooth, stride=1, padding=smooth // 2, count_include_pad=True)  # zero padding
+    s = mean_filter_side(smooth, *a.shape[-2:])
+    a = F.avg_pool2d(a, s, stride=1, padding=s // 2, count_include_pad=True)  # zero padding
     return a, a.flatten(1).amax(1)
 
 

@@ -201,6 +201,33 @@ def test_crd_learns_to_find_fresh_pseudo_anomalies(toy_data, tmp_path, monkeypat
     assert val[False]["aupro"] > val[True]["aupro"], val
 
 
+def test_detector_runs_crd_in_the_precision_it_was_trained_in(monkeypatch):
+    """Stage 3 trains CRD under common.autocast (bf16 upstream outputs on CUDA); the Detector that evaluate.py
+    uses must feed it the same. Autocast on the CPU takes the same code path as on CUDA."""
+    monkeypatch.setattr(common, "AMP_DEVICE_TYPES", ("cuda", "cpu"))
+    torch.manual_seed(0)
+    up, dpn, crd = common.freeze(rcae()), common.freeze(DPN(stage2_dpn.Config(depth=3, width=8))), CRD(
+        stage3_crd.Config(depth=3, width=4)).eval()
+    torch.nn.init.normal_(dpn.ae.dec1.weight, std=0.1)  # a DPN that does something
+    x = torch.rand(2, 3, 32, 32)
+    seen = []
+
+    class Spy(torch.nn.Module):  # the trained network as stage 3's loss sees it: record its logits
+        def logits(self, inp):
+            seen.append(crd.logits(inp))
+            return seen[-1]
+
+    maps = {}
+    for amp in (1, 0):
+        with common.autocast(x.device, amp), torch.no_grad():  # as common.train runs the loss
+            stage3_crd.loss_fn(Spy(), {"image": x, "mask": torch.zeros(2, 1, 32, 32)}, up, dpn, [1, 2, 3])
+        with torch.no_grad():
+            maps[amp] = stage3_crd.Detector(up, dpn, crd, amp=amp)(x)["map"]
+        assert maps[amp].dtype == torch.float32
+        assert torch.equal(maps[amp], torch.sigmoid(seen[-1].float())), amp  # training's path, bit for bit
+    assert not torch.equal(maps[1], maps[0])  # and amp 1 really ran in bf16
+
+
 def test_crd_input_layout_and_table6_subset():
     refined, image = torch.rand(2, 5, 3, 8, 8), torch.rand(2, 3, 8, 8)
     inp = crd_input(refined, image, [1, 3])
