@@ -1,6 +1,6 @@
 """Shared plumbing for the three RcAE stages, evaluate.py and the FAIR baseline.
 
-Only what every stage shares lives here (STYLE.md rule 8); each stage file defines its own network
+Only what every stage shares lives here; each stage file defines its own network
 and loss and nothing else.
 
     data      loaders of every supported layout (detect_layout), --resize, decoded once into an in-memory
@@ -23,11 +23,13 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, is_dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +45,37 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, never as a traceback (see run_main)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM, with what is on disk: run_main prints `message`, exits 128 + signum."""
+
+    def __init__(self, message="interrupted", signum=signal.SIGINT, told=False):
+        super().__init__(message)
+        self.message, self.signum, self.told = message, signum, told  # told: the message says what is on disk
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}", signum)
+
+
 def run_main(main):
-    """Entry point of every script: user errors become `error: ...` on stderr and exit code 2."""
+    """Entry point of every script: user errors become `error: ...` on stderr and exit code 2; Ctrl-C and
+    SIGTERM (a cluster's time limit, `kill`) exit 130 / 143 with one line saying what is on disk."""
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main else None
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last checkpoint on disk is intact; run the same command to resume",
-              file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        msg = getattr(e, "message", "interrupted")
+        if not getattr(e, "told", False):  # outside a training loop
+            msg += "; checkpoints are written whole (temp file + rename), so none on disk is half-written"
+        print(f"\n{msg}", file=sys.stderr)
+        sys.exit(128 + int(getattr(e, "signum", signal.SIGINT)))
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)
 
 
 def warn(msg):
@@ -334,8 +356,12 @@ def load_split(data, split, image_size, workers=4, resize="squash"):
     if resize not in RESIZE:
         raise UserError(f"--resize {resize}: choose one of {', '.join(RESIZE)}")
     samples = list_samples(data, split)
-    with ThreadPoolExecutor(4 if not workers else workers) as pool:
-        decoded = list(pool.map(lambda s: _decode(s, image_size, resize), samples))
+    decode = partial(_decode, size=image_size, resize=resize)
+    if workers == 0:  # --workers 0: nothing runs beside the calling thread
+        decoded = [decode(s) for s in samples]
+    else:
+        with ThreadPoolExecutor(workers or 4) as pool:
+            decoded = list(pool.map(decode, samples))
     keep = [i for i, d in enumerate(decoded) if d is not None]
     if not keep:
         raise UserError(f"none of the {len(samples)} {split} images in {data} could be read")
@@ -368,6 +394,11 @@ def fraction_indices(n, frac):
     a smaller fraction is always inside a larger one (10% inside 25% inside 50% ...)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
     return sorted(order[:max(1, round(n * frac))]) if n else []
+
+
+def why_no_holdout(holdout):
+    """Why a run has no holdout images: --holdout 0, or a train/good too small to spare one."""
+    return "--holdout 0" if not holdout else f"train/good too small to keep a --holdout {holdout} of it"
 
 
 def train_images(args, part="train"):
@@ -546,28 +577,43 @@ def parse_args(p, argv, stage):
     return finish_args(args)
 
 
-def add_shared_args(p, recursion=True, upstream=False, **defaults):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default printed once: not appended where the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text.lower() else super()._get_help_string(action)
+
+
+def add_shared_args(p, recursion=True, upstream=False, paper="paper", **defaults):
     """The flags every stage shares (names fixed: later stages, evaluate and the checks rely on them).
 
-    `defaults` overrides per stage. upstream=True (stages 2 and 3) makes the INHERITED flags default to
-    None, "inherit from the upstream checkpoint"; an explicit value must agree with it (see inherit).
-    recursion=False leaves out --depth (the FAIR baseline has no recursion)."""
+    `defaults` overrides per stage, with the values of its paper (`paper` names it in --help). upstream=True
+    (stages 2 and 3) makes the INHERITED flags default to None, "inherit from the stage-1 checkpoint"; an
+    explicit value must agree with it (see inherit). recursion=False leaves out --depth (the FAIR baseline
+    has no recursion)."""
     d = dict(image_size=1024, epochs=100, batch_size=8, lr=1e-4, depth=5, holdout=0.1, resize="squash",
              train_fraction=1.0)
-    d.update({k: None for k in INHERITED} if upstream else {})
     d.update(defaults)
+    said = {k: f"(default: {d[k]}, as in the {paper})" for k in ("image_size", "depth", "epochs")}
+    if upstream:
+        d.update({k: None for k in INHERITED})
+        said.update({k: "(default: inherited from stage 1)" for k in INHERITED})
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="category folder in a supported layout (README): MVTec AD (e.g. "
                                                  "mvtec/bottle), MVTec AD 2, BTAD, MPDD, VisA (visa/candle), plain")
     g.add_argument("--out", default=None, help="output folder (default: runs/<parent>/<category>)")
-    g.add_argument("--image_size", type=int, default=d["image_size"], help="square input size (paper: 1024)")
+    g.add_argument("--image_size", type=int, default=d["image_size"], help=f"square input size {said['image_size']}")
     g.add_argument("--resize", choices=RESIZE, default=d["resize"],
-                   help="non-square images: squash (paper), pad (letterbox) or crop (centre) to the square input")
+                   help="non-square images: squash (paper), pad (letterbox) or crop (centre) to the square input"
+                        + (f" {said['resize']}" if upstream else ""))
     g.add_argument("--holdout", type=float, default=d["holdout"],
-                   help="fraction of train/good kept out of training to calibrate the image threshold")
+                   help="fraction of train/good kept out of training to calibrate the image threshold"
+                        + (f" {said['holdout']}" if upstream else ""))
     g.add_argument("--train_fraction", type=float, default=d["train_fraction"],
                    help="train on this fraction of what the holdout leaves of train/good: a fixed subset, nested "
-                        "across fractions (paper, Table 5: 0.1, 0.25, 0.5, 0.75, 1)")
+                        "across fractions (paper, Table 5: 0.1, 0.25, 0.5, 0.75, 1)"
+                        + (f" {said['train_fraction']}" if upstream else ""))
     g.add_argument("--workers", type=int, default=None,
                    help="batch-making worker processes (and image-decoding threads); default: 0 when training "
                         "on the CPU, where workers compete with the compute threads (x0.78 measured), else 4")
@@ -576,20 +622,25 @@ def add_shared_args(p, recursion=True, upstream=False, **defaults):
                        help="named defaults: paper (the paper's settings) or cpu (128 px, lr 1e-3, the README's "
                             "10-minute step budget); explicit flags override either")
         g = p.add_argument_group("model")
-        g.add_argument("--depth", type=int, default=d["depth"], help="recursion depth N (paper: 5)")
+        g.add_argument("--depth", type=int, default=d["depth"], help=f"recursion depth N {said['depth']}")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d["epochs"], help="passes over train/good")
+    g.add_argument("--epochs", type=int, default=d["epochs"], help=f"passes over train/good {said['epochs']}")
     g.add_argument("--max_steps", type=int, default=None, help="cap on optimiser steps (quick runs)")
     g.add_argument("--max_minutes", type=float, default=None,
                    help="stop (and checkpoint) after this much training time; the same command resumes")
-    g.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per step (paper: not given)")
-    g.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (paper: 1e-4, betas 0.9/0.999, eps 1e-8)")
+    g.add_argument("--batch_size", type=int, default=d["batch_size"],
+                   help=f"images per step (default: {d['batch_size']}, as in the {paper})" if "batch_size" in defaults
+                   else "images per step (paper: not given)")
+    g.add_argument("--lr", type=float, default=d["lr"], help=f"Adam learning rate ({paper}: 1e-4, betas 0.9/0.999)")
     g = p.add_argument_group("runtime / io")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--seed", type=int, default=0, help="seed of weights, batches and augmentation")
     g.add_argument("--amp", type=int, default=1, help="bf16 autocast on CUDA (1/0); ignored on CPU")
     g.add_argument("--compile", type=int, default=0, help="torch.compile the trained network (1/0)")
     g.add_argument("--save_every", type=int, default=500, help="checkpoint every this many steps")
+    g.add_argument("--save_every_min", type=float, default=5,
+                   help="also checkpoint when this many minutes passed since the last save (0: off); Ctrl-C and "
+                        "SIGTERM save the step in flight too")
     g.add_argument("--log_every", type=int, default=10, help="log the loss parts every this many steps")
     g.add_argument("--val_every", type=int, default=500,
                    help="validate on the holdout normal images every this many steps, and at the end (0: end only)")
@@ -603,28 +654,42 @@ def default_out(data):
     return str(Path("runs") / p.parent.name / p.name)
 
 
+# The ranges check_flags knows: rule -> (test, what the error says)
+RANGES = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
+          "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"), "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+          "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"), "0/1": (lambda v: v in (0, 1), "0 or 1"),
+          "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"), "odd": (lambda v: v >= 1 and v % 2, "an odd number >= 1")}
+
+
+def check_flags(args, **rules):
+    """Refuse a numeric flag out of its range with one line: check_flags(args, lr=">0") -> UserError
+    "--lr must be > 0 (got -1.0)". None (not given, or inherited later) passes; nan and inf never do. A
+    list-valued flag (nargs="+") is checked element by element."""
+    for k, rule in rules.items():
+        v = getattr(args, k, None)
+        test, what = RANGES[rule]
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if x is not None and not (math.isfinite(x) and test(x)):
+                raise UserError(f"--{k} must be {what} (got {v})")
+
+
 def finish_args(args):
     """Validate the shared flags and fill derived ones; returns args."""
     if args.out is None:
         args.out = default_out(args.data)
-    depth = getattr(args, "depth", None)
-    if depth is not None and depth < 1:
-        raise UserError(f"--depth must be >= 1 (got {depth})")
+    check_flags(args, depth=">=1", epochs=">=1", batch_size=">=1", max_steps=">=0", max_minutes=">=0",
+                holdout="[0,1)", workers=">=0", lr=">0", seed="seed", amp="0/1", compile="0/1", save_every=">=1",
+                save_every_min=">=0", log_every=">=1", val_every=">=0")
     if args.image_size is not None:
-        check_size(args.image_size, depth or 0)
-    for k in ("epochs", "batch_size"):
-        if getattr(args, k) is not None and getattr(args, k) < 1:
-            raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
-    if args.max_steps is not None and args.max_steps < 0:
-        raise UserError(f"--max_steps must be >= 0 (got {args.max_steps})")
-    if args.holdout is not None and not 0 <= args.holdout < 1:
-        raise UserError(f"--holdout must be in [0, 1) (got {args.holdout})")
+        check_size(args.image_size, getattr(args, "depth", None) or 0)
     if getattr(args, "train_fraction", None) is not None and not 0 < args.train_fraction <= 1:
         raise UserError(f"--train_fraction must be in (0, 1] (got {args.train_fraction})")
     return args
 
 
 def check_size(image_size, depth):
+    if image_size < 1:
+        raise UserError(f"--image_size must be >= 1 (got {image_size})")
     k = 2 ** depth
     if image_size < k or image_size % k:
         ok = max(k, round(image_size / k) * k)
@@ -682,9 +747,14 @@ def get_device(name="auto"):
     return dev
 
 
+AMP_DEVICE_TYPES = ("cuda",)  # where --amp 1 autocasts: bf16 on this CPU was slower (x0.68, benchmarks/optimisations.py)
+
+
 def autocast(device, enabled=True):
-    """The one AMP pattern: bf16 autocast on CUDA, a no-op elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(enabled) and device.type == "cuda")
+    """The one AMP pattern, for training losses and inference alike: bf16 autocast on CUDA, a no-op elsewhere
+    (a test adds "cpu" to AMP_DEVICE_TYPES to run the same bf16 path on the CPU)."""
+    on = bool(enabled) and device.type in AMP_DEVICE_TYPES
+    return torch.autocast(device.type if on else "cuda", dtype=torch.bfloat16, enabled=on)
 
 
 def plain(d):
@@ -694,7 +764,8 @@ def plain(d):
 
 
 def save_checkpoint(path, stage, model, model_config, args, step, **extra):
-    """Atomic write of the self-describing checkpoint of STYLE.md rule 7 (temp file + rename)."""
+    """Atomic write (temp file + rename) of a self-describing checkpoint: {stage, model (state_dict),
+    model_config, args, step, version, **extra}, tensors and plain types only (loads with weights_only=True)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ck = dict(stage=stage, model=model.state_dict(), model_config=plain(model_config), args=plain(args),
@@ -717,8 +788,10 @@ def load_checkpoint(path, stage, hint=""):
         raise UserError(f"no {stage} checkpoint at {path}" + (f": run `{hint}` first" if hint else ""))
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file: say which, not where in torch it broke
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # empty, truncated or foreign: say so and how to fix it, not torch's advice
+        what = "is empty" if path.stat().st_size == 0 else f"is not a checkpoint this code wrote ({type(e).__name__})"
+        fix = f"`{hint} --overwrite`" if hint else "its training command with --overwrite"
+        raise UserError(f"{path} {what}: run {fix} to write it again") from None
     if not isinstance(ck, dict) or ck.get("stage") != stage:
         got = ck.get("stage") if isinstance(ck, dict) else type(ck).__name__
         raise UserError(f"{path} is a '{got}' checkpoint, expected '{stage}'" + (f" (made by `{hint}`)" if hint else ""))
@@ -921,46 +994,82 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     bar = tqdm(total=(total - start) * args.batch_size, unit="img", desc=stage, dynamic_ncols=True,
                disable=None)
     model.train()
-    t0, step = time.time(), start
-    with open(log_path, "a") as log:
-        log.write(json.dumps({"start_step": start, "total_steps": total, "args": plain(args)}) + "\n")
-        for step, batch in enumerate(loader, start=start + 1):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast(device, args.amp):
-                loss, parts = loss_fn(net, batch)
-            if not torch.isfinite(loss):
-                bar.close()
-                kept = f"the last good checkpoint is kept at {ckpt_path}" if Path(ckpt_path).is_file() \
-                    else "no checkpoint was written"
-                raise UserError(f"{stage}: loss is {loss.item()} at step {step}; stopped, {kept}. "
-                                f"Lower --lr (now {args.lr}) and run again")
-            if lr_at is not None:
-                for group in opt.param_groups:
-                    group["lr"] = args.lr * lr_at(step, total)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(args.batch_size)
-            time_up = args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
-            if step % args.log_every == 0 or step == total or time_up:
-                parts = {k: round(float(v), 6) for k, v in parts.items()}
-                bar.set_postfix(step=step, loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in parts.items()})
-                log.write(json.dumps({"step": step, "loss": loss.item(), **parts,
-                                      "img_per_s": round((step - start) * args.batch_size / (time.time() - t0), 2)}) + "\n")
-                log.flush()
-            if step % args.save_every == 0 and step < total and not time_up:
-                save(step)
-            if time_up:
-                print(f"\n{stage}: --max_minutes {args.max_minutes} reached at step {step} of {total}")
-                break
-            if validate is not None and args.val_every and step % args.val_every == 0 and step < total:
-                _validate(validate, model, step, log, extra)
+    t0 = last_save = time.time()
+    done = saved = start  # the last finished step, the last step on disk (start: nothing new yet)
+    stop = []  # a signal asked to stop: the step in flight finishes, its state is saved, then we exit
+
+    def request_stop(signum, frame):
+        if stop:  # the second Ctrl-C: stop at once (a step may be half applied: nothing more is saved)
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name} twice", signum)
+        stop.append(signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        with open(log_path, "a") as log:
+            log.write(json.dumps({"start_step": start, "total_steps": total, "args": plain(args)}) + "\n")
+            for step, batch in enumerate(loader, start=start + 1):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast(device, args.amp):
+                    loss, parts = loss_fn(net, batch)
+                if not torch.isfinite(loss):
+                    bar.close()
+                    kept = f"the last good checkpoint is kept at {ckpt_path}" if Path(ckpt_path).is_file() \
+                        else "no checkpoint was written"
+                    raise UserError(f"{stage}: loss is {loss.item()} at step {step}; stopped, {kept}. "
+                                    f"Lower --lr (now {args.lr}) and run again")
+                if lr_at is not None:
+                    for group in opt.param_groups:
+                        group["lr"] = args.lr * lr_at(step, total)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                done = step
+                bar.update(args.batch_size)
+                time_up = args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
+                if step % args.log_every == 0 or step == total or time_up or stop:
+                    parts = {k: round(float(v), 6) for k, v in parts.items()}
+                    bar.set_postfix(step=step, loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in parts.items()})
+                    log.write(json.dumps({"step": step, "loss": loss.item(), **parts,
+                                          "img_per_s": round((step - start) * args.batch_size / (time.time() - t0), 2)}) + "\n")
+                    log.flush()
+                if stop:
+                    raise Interrupted(f"interrupted by {signal.Signals(stop[0]).name}", stop[0])
+                every_min = args.save_every_min and time.time() - last_save >= 60 * args.save_every_min
+                if (step % args.save_every == 0 or every_min) and step < total and not time_up:
+                    save(step)
+                    saved, last_save = step, time.time()
+                if time_up:
+                    print(f"\n{stage}: --max_minutes {args.max_minutes} reached at step {step} of {total}")
+                    break
+                if validate is not None and args.val_every and step % args.val_every == 0 and step < total:
+                    _validate(validate, model, step, log, extra)
+    except (KeyboardInterrupt, RuntimeError) as e:
+        if not isinstance(e, KeyboardInterrupt) and not stop:  # a real error, not a loader worker killed by Ctrl-C
+            raise
+        bar.close()
+        forced = isinstance(e, Interrupted) and "twice" in e.message
+        if done > saved and not forced:
+            save(done)
+            saved = done
+        signum = stop[0] if stop else getattr(e, "signum", signal.SIGINT)
+        if saved > 0:
+            on_disk = f"{ckpt_path} holds step {saved} of {total}; run the same command to resume"
+        elif Path(ckpt_path).is_file():
+            on_disk = f"no checkpoint of this run yet ({ckpt_path} still holds the run --overwrite replaces)"
+        else:
+            on_disk = f"no checkpoint yet (nothing written to {ckpt_path}); run the same command to start again"
+        raise Interrupted(f"{stage}: interrupted by {signal.Signals(signum).name} after step {done}: {on_disk}",
+                          signum, told=True) from None
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     bar.close()
     if validate is not None:
         with open(log_path, "a") as log:
-            _validate(validate, model, step, log, extra)
-    save(step)
-    print(f"{stage}: {step} steps in {time.time() - t0:.0f}s -> {ckpt_path}")
+            _validate(validate, model, done, log, extra)
+    save(done)
+    print(f"{stage}: {done} steps in {time.time() - t0:.0f}s -> {ckpt_path}")
     release_memory()  # the next work in this process (another stage, evaluation) has other shapes
     return load_checkpoint(ckpt_path, stage)
 

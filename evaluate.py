@@ -1,6 +1,6 @@
 """Evaluate RcAE (and the FAIR baseline) on the test split: I-AUROC, P-AUROC, AUPRO, speed, memory.
 
-The only code that reads the test split (STYLE.md rule 12). It finds the checkpoints in <out> and
+The only code that reads the test split. It finds the checkpoints in <out> and
 evaluates every variant they allow, which is the paper's Table 2 ablation from one command:
 
     rcae       map |I - I_R^N| (mean over channels), score top-k mean                            stage 1
@@ -9,7 +9,7 @@ evaluates every variant they allow, which is the paper's Table 2 ablation from o
     fair       the FAIR baseline's map and image score (--method fair, baselines/fair.py)
 
 Every RcAE variant's map is smoothed alike (Gaussian, --sigma px) before scoring; metrics.json says how.
-FAIR keeps its own paper's post-processing (a 21x21 mean filter).
+FAIR keeps its own paper's post-processing (a 21x21 mean filter at 256 px, scaled with the image side).
 
 Image size, depth and --resize come from the stage-1 checkpoint (FAIR: its own). Masks are optional: I-AUROC
 and best F1 are over all test images, P-AUROC and AUPRO over the images whose pixel ground truth is known
@@ -75,7 +75,7 @@ HOW = {"stage1_rcae": "python stage1_rcae.py --data {data}", "stage2_dpn": "pyth
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="a category (mvtec/bottle) or a folder of categories (mvtec)")
     g.add_argument("--out", default=None, help="checkpoint and output folder (default: runs/<parent>/<category>); "
@@ -102,10 +102,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.data is None and (args.predict is None or args.out is None):
         raise UserError("pass --data (a category or a folder of categories), or --predict IMG with --out")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1 (got {args.batch_size})")
-    if args.topk_frac is not None and not 0 < args.topk_frac <= 1:
-        raise UserError(f"--topk_frac must be in (0, 1] (got {args.topk_frac})")
+    common.check_flags(args, workers=">=0", sigma=">=0", topk_frac="(0,1]", batch_size=">=1", n_figures=">=0")
     return args
 
 
@@ -152,7 +149,7 @@ def best_f1(labels, scores):
 
 
 def aupro(masks, maps, fpr_limit=0.3):
-    """Area under the per-region-overlap curve up to FPR `fpr_limit`, normalised by it (DESIGN.md), exact.
+    """Area under the per-region-overlap curve up to FPR `fpr_limit`, normalised by it (README, "Reading the paper"), exact.
 
     Every distinct score t is a threshold (a pixel is positive when its score >= t). Regions are the
     8-connected components of each ground-truth mask. FPR(t) is the fraction of normal pixels (of all
@@ -656,7 +653,7 @@ def holdout_threshold(st, fn, variant, args, device):
     if variant == "crd":
         if cal.get("image_threshold") is None:
             raise UserError("the stage3_crd.pt has no calibrated image threshold (stage 3 unfinished, or trained "
-                            "with --holdout 0): finish `python stage3_crd.py --data PATH`")
+                            "without holdout images): finish `python stage3_crd.py --data PATH`")
         return float(cal["image_threshold"]), 1.0  # M_A is in [0, 1]
     ck = st["stage1_rcae"][1]
     data = args.data or ck["args"]["data"]
@@ -667,8 +664,8 @@ def holdout_threshold(st, fn, variant, args, device):
                         f"is not there: pass --data with the category the stages were trained on")
     images = common.train_images(hold, part="holdout")  # (K, 3, H, W) uint8
     if not len(images):
-        raise UserError(f"--variant {variant} needs holdout images to calibrate its threshold, but stage 1 was "
-                        f"trained with --holdout {hold.holdout}")
+        raise UserError(f"--variant {variant} needs holdout images to calibrate its threshold, and stage 1 kept "
+                        f"none ({common.why_no_holdout(hold.holdout)})")
     maps, scores, _, _ = run_variant(fn, images, device, args.batch_size, f"holdout {variant}")
     q = cal.get("quantile") or 0.99
     return float(torch.quantile(torch.from_numpy(scores).double(), q)), float(maps.max())

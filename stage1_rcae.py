@@ -43,14 +43,14 @@ STAGE = "stage1_rcae"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     common.add_shared_args(p, epochs=1500)  # paper: 1500 epochs for stage 1
     g = p.add_argument_group("model (stage 1)")
     g.add_argument("--width", type=int, default=32, help="hidden width inside E and D (paper: not given)")
     g.add_argument("--norm", choices=["none", "instance"], default="none",
                    help="normalisation after each hidden conv of E and D (paper: not given; the first author's "
                         "earlier code used InstanceNorm)")
-    g.add_argument("--input_norm", type=int, default=1, choices=[0, 1],
+    g.add_argument("--input_norm", type=int, default=1,
                    help="1: standardise the input with the training images' per-channel mean/std and undo it on "
                         "the output, so the scale of the intensities does not matter (paper: not given; 0 = raw "
                         "[0, 1] input. Adopted: it won on both development categories, README 'Results')")
@@ -59,10 +59,10 @@ def get_args(argv=None):
     g.add_argument("--arch", choices=["rcae", "convae"], default="rcae",
                    help="rcae: the recursion, depth n drawn from [1, N] per batch (Eq. (3)-(4)); convae: one pass "
                         "through all N levels, depth N only (the paper's ConvAE of Tables 2, 4, 5 with --share 0)")
-    g.add_argument("--share", type=int, choices=[0, 1], default=1,
+    g.add_argument("--share", type=int, default=1,
                    help="1: one E and one D shared by every level (paper, Eq. (3)-(4)); 0: N independent "
                         "blocks E_i, D_i (Eq. (2)), N times the parameters (Table 4)")
-    g.add_argument("--skip", type=int, choices=[0, 1], default=1,
+    g.add_argument("--skip", type=int, default=1,
                    help="1: E and D keep the skip connection inside them (paper); 0: without it (Table 4)")
     g = p.add_argument_group("augmentation (stage 1)")
     g.add_argument("--anomaly_prob", type=float, default=0.5,
@@ -70,7 +70,9 @@ def get_args(argv=None):
     g.add_argument("--anomaly_size", choices=common.ANOMALY_SIZES, default="scaled",
                    help="pseudo-anomaly sizes: the paper's 32-128 px blocks scaled by image_size/1024, in pixels "
                         "of this resolution, or relative to the image (see common.pseudo_anomaly)")
-    return common.parse_args(p, argv, STAGE)
+    args = common.parse_args(p, argv, STAGE)
+    common.check_flags(args, width=">=1", input_norm="0/1", share="0/1", skip="0/1", anomaly_prob="[0,1]")
+    return args
 
 
 # ----------------------------------------------------------------------------- model
@@ -178,7 +180,9 @@ class RcAE(nn.Module):
 
     def forward(self, x, n=None):
         """The depth-n reconstruction I_R^n of x (B, C, H, W); n defaults to N (a ConvAE has depth N only)."""
-        n = n or self.cfg.depth
+        n = self.cfg.depth if n is None else n
+        if not 1 <= n <= self.cfg.depth:
+            raise ValueError(f"recursion depth n={n} is not in 1..N={self.cfg.depth}")
         if self.cfg.arch == "convae" and n != self.cfg.depth:
             raise ValueError(f"a ConvAE (arch='convae') has only its depth-{self.cfg.depth} output, not depth {n}")
         return self.reconstruct(self.compress(x, n)[-1], n)  # (B, C, H, W)

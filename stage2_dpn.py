@@ -33,13 +33,15 @@ STAGE = "stage2_dpn"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     common.add_shared_args(p, upstream=True, epochs=400)  # paper: 400 epochs
     g = p.add_argument_group("model (stage 2)")
     g.add_argument("--width", type=int, default=32, help="hidden width of the DPN autoencoder (paper: not given)")
     g = p.add_argument_group("upstream (stage 2)")
-    g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen; None = <out>/stage1_rcae.pt")
-    return common.parse_args(p, argv, STAGE)
+    g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen (default: <out>/stage1_rcae.pt)")
+    args = common.parse_args(p, argv, STAGE)
+    common.check_flags(args, width=">=1")
+    return args
 
 
 def upstream_rcae(args):

@@ -40,13 +40,13 @@ STAGE = "stage3_crd"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     common.add_shared_args(p, upstream=True, epochs=300)  # paper: 300 epochs
     g = p.add_argument_group("model (stage 3)")
     g.add_argument("--width", type=int, default=16, help="CRD base width w; levels have w, 2w, 4w, 8w (paper: not given)")
     g.add_argument("--use_depths", default=None,
-                   help="recursion depths fed to CRD, comma-separated, e.g. 1,3,5; None = all 1..N "
-                        "(paper; Table 6 ablates 5 and 1,3,5)")
+                   help="recursion depths fed to CRD, comma-separated, e.g. 1,3,5 (default: all of 1..N, "
+                        "as in the paper; its Table 6 ablates 5 and 1,3,5)")
     g.add_argument("--crd_input", choices=["image", "residual"], default="image",
                    help="what CRD sees of each depth next to I: the refined I_D^n (paper, Eq. (8)) or the residual "
                         "I - I_D^n")
@@ -69,16 +69,12 @@ def get_args(argv=None):
     g.add_argument("--threshold_quantile", type=float, default=0.99,
                    help="image threshold = this quantile of the holdout normal scores (not in the paper)")
     g = p.add_argument_group("upstream (stage 3)")
-    g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen; None = <out>/stage1_rcae.pt")
-    g.add_argument("--dpn", default=None, help="stage-2 checkpoint of the same RcAE, frozen; None = <out>/stage2_dpn.pt")
+    g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen (default: <out>/stage1_rcae.pt)")
+    g.add_argument("--dpn", default=None, help="stage-2 checkpoint of the same RcAE, frozen (default: <out>/stage2_dpn.pt)")
     args = common.parse_args(p, argv, STAGE)
-    if not 0 < args.topk_frac <= 1:
-        raise UserError(f"--topk_frac must be in (0, 1] (got {args.topk_frac})")
+    common.check_flags(args, width=">=1", topk_frac="(0,1]", threshold_quantile="[0,1]", anomaly_prob="[0,1]")
     if not 0 <= args.init_prior < 1:
         raise UserError(f"--init_prior must be in [0, 1) (got {args.init_prior})")
-    for k in ("threshold_quantile", "anomaly_prob"):
-        if not 0 <= getattr(args, k) <= 1:
-            raise UserError(f"--{k} must be in [0, 1] (got {getattr(args, k)})")
     return args
 
 
@@ -192,16 +188,22 @@ def frozen_forward(rcae, dpn, x, depths, kind="image"):
 class Detector(nn.Module):
     """The trained chain RcAE -> DPN -> CRD, as evaluate.py, notebooks and benchmarks use it."""
 
-    def __init__(self, rcae, dpn, crd, topk_frac=0.01, image_threshold=None):
+    def __init__(self, rcae, dpn, crd, topk_frac=0.01, image_threshold=None, amp=1):
         super().__init__()
         self.rcae, self.dpn, self.crd = rcae, dpn, crd
         self.use_depths = list(crd.cfg.use_depths)
         self.topk_frac, self.image_threshold = topk_frac, image_threshold
+        self.amp = amp  # stage 3's --amp: CRD sees its input in the precision it was trained on
 
     def forward(self, x):
-        """x (B, C, H, W) in [0, 1] -> recons, refined (B, N, C, H, W) and map M_A (B, 1, H, W)."""
-        recons, refined, inp = frozen_forward(self.rcae, self.dpn, x, self.use_depths, self.crd.cfg.crd_input)
-        return {"recons": recons, "refined": refined, "map": self.crd(inp)}
+        """x (B, C, H, W) in [0, 1] -> recons, refined (B, N, C, H, W) and map M_A (B, 1, H, W), float32.
+
+        The precision path of stage 3's training loss: the frozen stages and CRD's logits under common.autocast
+        (bf16 on CUDA with --amp 1), the sigmoid in float32."""
+        with common.autocast(x.device, self.amp):
+            recons, refined, inp = frozen_forward(self.rcae, self.dpn, x, self.use_depths, self.crd.cfg.crd_input)
+            logits = self.crd.logits(inp)  # (B, 1, H, W)
+        return {"recons": recons.float(), "refined": refined.float(), "map": torch.sigmoid(logits.float())}
 
     @torch.inference_mode()
     def predict(self, x):
@@ -258,17 +260,15 @@ def validation_set(images, args, seed=0):
     return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size)  # (M, C, H, W), (M, 1, H, W)
 
 
-def validate(crd, rcae, dpn, val, batch_size=8):
+def validate(crd, rcae, dpn, val, batch_size=8, amp=1):
     """P-AUROC and AUPRO of CRD's map on the validation set: do the pseudo anomalies get found?
     (Not whether real defects do: that only the test split tells, and only evaluate.py reads it.)"""
     import evaluate  # the one home of the metrics; imported here, as evaluate imports this file
     images, masks = val
     device = next(crd.parameters()).device
-    maps = []
+    detector, maps = Detector(rcae, dpn, crd, amp=amp), []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device)
-        _, _, inp = frozen_forward(rcae, dpn, x, crd.cfg.use_depths, crd.cfg.crd_input)
-        maps.append(crd(inp).float().cpu())
+        maps.append(detector(images[i:i + batch_size].to(device))["map"].cpu())
     maps, masks = torch.cat(maps)[:, 0].numpy(), masks[:, 0].numpy()  # (M, H, W)
     return {"p_auroc": evaluate.pixel_auroc(masks, maps), "aupro": evaluate.aupro(masks, maps),
             "anomalous_px": float(masks.mean())}
@@ -284,7 +284,8 @@ def calibrate(detector, images, args):
         scores += detector.predict(x)["score"].float().cpu().tolist()
     threshold = float(torch.quantile(torch.tensor(scores), args.threshold_quantile)) if scores else None
     if threshold is None:
-        common.warn("no holdout images (--holdout 0): image_threshold is None; calibrate it elsewhere")
+        common.warn(f"no holdout images ({common.why_no_holdout(args.holdout)}): image_threshold is None; "
+                    f"calibrate it elsewhere")
     return {"topk_frac": args.topk_frac, "quantile": args.threshold_quantile, "image_threshold": threshold,
             "holdout_scores": scores}
 
@@ -315,10 +316,10 @@ def main(argv=None):
                                       loss=args.loss),
                       ckpt_path=path, extra={"upstream": ups},
                       validate=partial(validate, rcae=rcae, dpn=dpn, val=validation_set(holdout, args),
-                                       batch_size=args.batch_size) if len(holdout) else None)
+                                       batch_size=args.batch_size, amp=args.amp) if len(holdout) else None)
 
     # the threshold needs the trained CRD, so it is added to the final checkpoint afterwards (atomic rewrite)
-    cal = calibrate(Detector(rcae, dpn, model, topk_frac=args.topk_frac), holdout, args)
+    cal = calibrate(Detector(rcae, dpn, model, topk_frac=args.topk_frac, amp=args.amp), holdout, args)
     keep = {k: v for k, v in ck.items() if k not in ("stage", "model", "model_config", "args", "step", "version")}
     common.save_checkpoint(path, STAGE, model, ck["model_config"], args, ck["step"], **{**keep, "calibration": cal})
     print(f"{STAGE}: image threshold {cal['image_threshold']} = {cal['quantile']} quantile of "
@@ -368,7 +369,7 @@ def detector_of(chain):
     cal = ck.get("calibration") or {}
     return common.freeze(Detector(chain["stage1_rcae"][0], chain["stage2_dpn"][0], crd,
                                   topk_frac=cal.get("topk_frac", ck["args"]["topk_frac"]),
-                                  image_threshold=cal.get("image_threshold")))
+                                  image_threshold=cal.get("image_threshold"), amp=ck["args"].get("amp", 1)))
 
 
 def load_detector(out, rcae=None, dpn=None, crd=None):

@@ -1,4 +1,5 @@
-"""FAIR baseline: Frequency-aware Image Restoration (papers/fair_paper.txt, Sec. 3.1-3.4, 4.3, 5.3-5.6).
+"""FAIR baseline: "Frequency-aware Image Restoration for Industrial Visual Anomaly Detection" (Sec. 3.1-3.4,
+4.3, 5.3-5.6 of that paper; README, "Reading the paper").
 
 A UNet restores the RGB image from the high-frequency part of its grayscale version; anomalies, whose
 low frequencies the network cannot infer from normal data, are restored badly and show up in a
@@ -10,7 +11,7 @@ perceptual comparison of image and restoration.
     restore     I^r = UNet(I'_h), trained with l2(I, I^r) + (1 - SSIM(I, I^r))              Eq. (7)
     score       A = mean21x21(k * A_color + A_gradient), image score = max A              Eq. (8)-(10)
 
-Paper vs published code vs this file (DESIGN.md, "The FAIR baseline"):
+Paper vs published code vs this file:
 - Training anomalies. Paper: DRAEM's Perlin-shaped anomalies textured from DTD, plus large CutPaste
   (>50% of the image), proportions not given. Published code: also NSA (Poisson-blended) anomalies,
   CutPaste 20% of the time. Here: the paper's "noDTD" variant (Sec. 5.6), textures from another random
@@ -30,7 +31,8 @@ Paper vs published code vs this file (DESIGN.md, "The FAIR baseline"):
 - Learning rate: paper and code multiply it by 0.2 at 80% and 90% of training (`lr_factor`).
 - Score: paper Eq. (8)-(10) and code agree: MSGMS over 2 scales (full and 1/2, average-pooled, upsampled
   bilinearly), Prewitt kernels, c = 0.0026, on the luma (RIAD's code takes the channel mean); A_color =
-  da^2 + db^2 in CIELAB (sRGB, D65) with k = 3e-4; 21x21 mean filter with zero padding; image score =
+  da^2 + db^2 in CIELAB (sRGB, D65) with k = 3e-4; 21x21 mean filter with zero padding, given for 256 px
+  input and here scaled with the image side as D0 is (mean_filter_side: 11 at 128 px); image score =
   max of the map. The restoration is clipped to [0, 1] before scoring.
 
 GPU (paper settings):  python -m baselines.fair --data mvtec/bottle
@@ -57,8 +59,8 @@ FILTERS = ("butterworth", "ideal", "gaussian", "sobel")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_shared_args(p, recursion=False, epochs=800, image_size=256, batch_size=8)  # paper Sec. 4.3 (MVTec AD; VisA: 400 epochs)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
+    common.add_shared_args(p, recursion=False, paper="FAIR paper", epochs=800, image_size=256, batch_size=8)  # paper Sec. 4.3 (MVTec AD; VisA: 400 epochs)
     g = p.add_argument_group("model (FAIR)")
     g.add_argument("--base", type=int, default=128, help="UNet base width c (paper Sec. 4.3: 128)")
     g.add_argument("--filter", choices=FILTERS, default="butterworth",
@@ -77,15 +79,12 @@ def get_args(argv=None):
                         "default: the category's own training images (paper's noDTD)")
     g = p.add_argument_group("scoring (FAIR, Eq. (8)-(10))")
     g.add_argument("--k_color", type=float, default=3e-4, help="weight k of A_color in Eq. (10) (paper: 3e-4)")
-    g.add_argument("--smooth", type=int, default=21, help="side of the mean filter f_mean of Eq. (10) (paper: 21)")
+    g.add_argument("--smooth", type=int, default=21,
+                   help="side of the mean filter f_mean of Eq. (10) at 256x256 (paper: 21), scaled with the image "
+                        "side like --d0")
     args = common.finish_args(p.parse_args(argv))
-    if args.base < 1 or args.order < 1 or args.d0 <= 0:
-        raise common.UserError(f"--base and --order must be >= 1 and --d0 > 0 (got {args.base}, {args.order}, {args.d0})")
-    for k in ("cutpaste_prob", "perlin_prob"):
-        if not 0 <= getattr(args, k) <= 1:
-            raise common.UserError(f"--{k} must be in [0, 1] (got {getattr(args, k)})")
-    if args.smooth < 1 or args.smooth % 2 == 0:
-        raise common.UserError(f"--smooth must be an odd number >= 1 (got {args.smooth})")
+    common.check_flags(args, base=">=1", d0=">0", order=">=1", cutpaste_prob="[0,1]", perlin_prob="[0,1]",
+                       k_color=">=0", smooth="odd")
     return args
 
 
@@ -392,11 +391,20 @@ def color_anomaly(x, r):
     return (d ** 2).sum(1, keepdim=True)
 
 
+def mean_filter_side(smooth, h, w):
+    """The side of f_mean at h x w: `smooth` at 256x256 (the paper's 21, given for its 256 px input), scaled
+    with the image side as D0 is, so it covers the same part of the image at every size; the nearest odd
+    number (11 at 128 px, 41 at 512 px)."""
+    return max(1, 2 * round((smooth * math.sqrt(h * w) / 256 - 1) / 2) + 1)
+
+
 def anomaly_map(x, r, k=3e-4, smooth=21):
-    """Eq. (10): A_score = (k A_color + A_gradient) * f_mean (smooth x smooth, zero padding); image score
-    = max of the map. x, r: (B, 3, H, W) in [0, 1] -> (maps (B, 1, H, W), scores (B,))."""
+    """Eq. (10): A_score = (k A_color + A_gradient) * f_mean (zero padding, side `smooth` at 256 px, scaled:
+    mean_filter_side); image score = max of the map. x, r: (B, 3, H, W) in [0, 1] -> (maps (B, 1, H, W),
+    scores (B,))."""
     a = k * color_anomaly(x, r) + gradient_anomaly(x, r)  # (B, 1, H, W)
-    a = F.avg_pool2d(a, smooth, stride=1, padding=smooth // 2, count_include_pad=True)  # zero padding
+    s = mean_filter_side(smooth, *a.shape[-2:])
+    a = F.avg_pool2d(a, s, stride=1, padding=s // 2, count_include_pad=True)  # zero padding
     return a, a.flatten(1).amax(1)
 
 

@@ -112,7 +112,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--study", choices=sorted(STUDIES), help="which ablation to run")
-    which.add_argument("--table", type=int, choices=[2, 4, 5],
+    which.add_argument("--table", type=int,
                        help="one of the paper's tables: the same as --study table<k> (README, 'Paper tables')")
     p.add_argument("--data", nargs="+", required=True, help="one or more category folders")
     p.add_argument("--out", default="runs/ablations", help="output folder")
@@ -127,12 +127,14 @@ def get_args(argv=None):
     p.add_argument("--report", type=int, default=0,
                    help="1: train nothing; tabulate the rows already trained (and evaluated) under --out")
     args = p.parse_args(argv)
+    if args.table is not None and args.table not in (2, 4, 5):
+        raise common.UserError(f"--table must be 2, 4 or 5 (got {args.table})")
     args.study = args.study or f"table{args.table}"
-    args.steps = [int(s) for s in str(args.steps).split(",")]
-    if any(s < 1 for s in args.steps):
-        raise common.UserError(f"--steps must be positive (got {args.steps})")
-    if args.dark is not None and not 0 < args.dark <= 1:
-        raise common.UserError(f"--dark must be in (0, 1] (got {args.dark})")
+    try:
+        args.steps = [int(s) for s in str(args.steps).split(",")]
+    except ValueError:
+        raise common.UserError(f"--steps {args.steps}: give one step count or three, e.g. 800 or 800,400,400") from None
+    common.check_flags(args, steps=">=1", image_size=">=1", dark="(0,1]", test="0/1", report="0/1", seed="seed")
     return args
 
 

@@ -64,7 +64,10 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--workers", type=int, default=None, help="batch-making workers (default: the stages' own)")
     p.add_argument("--seed", type=int, default=0, help="seed of both methods")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    common.check_flags(args, budget_min=">0", image_size=">=1", depth=">=1", batch_size=">=1", lr=">0",
+                       fair_base=">=1", workers=">=0", seed="seed")
+    return args
 
 
 def shared_flags(args, out):

@@ -37,7 +37,9 @@ def get_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown")
     p.add_argument("--malloc_probe", type=int, default=None, help=argparse.SUPPRESS)  # internal: child process
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    common.check_flags(args, size=">=1", batch_size=">=1", depth=">=1", repeats=">=1")
+    return args
 
 
 def stage2_setup(args):

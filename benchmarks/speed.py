@@ -66,7 +66,11 @@ def get_args(argv=None):
     p.add_argument("--memory", type=int, default=1, help="also measure each item's peak RSS in a subprocess (1/0)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one item's memory, in a child
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    common.check_flags(args, sizes=">=1", batch_size=">=1", depth=">=1", repeats=">=1", amp="0/1",
+                       channels_last="0/1", compile="0/1", fair="0/1", fair_sizes=">=1", fair_base=">=1",
+                       fair_batch=">=1", clock_ghz=">0", fma_units=">=1", memory="0/1")
+    return args
 
 
 def round_robin(fns, repeats, device):

@@ -128,8 +128,16 @@ def test_squash_warns_once_for_non_square_images(tmp_path, capsys):
     assert capsys.readouterr().err.count("not square") == 1
 
 
-def test_split_is_cached(toy_data):
-    assert common.load_split(toy_data, "train", 16, 0) is common.load_split(toy_data, "train", 16, 0)
+def test_split_is_decoded_once_and_callers_cannot_change_it(tmp_path, monkeypatch):
+    data = common.make_synthetic_category(tmp_path / "d", size=16, n_train=4, n_test_good=1, n_test_bad=1)
+    decoded, real = [], common._decode
+    monkeypatch.setattr(common, "_decode", lambda *a, **k: (decoded.append(a[0]), real(*a, **k))[1])
+    args = Namespace(data=data, image_size=16, workers=0, holdout=0)
+    first = common.train_images(args)
+    first.zero_()  # a caller writing into its batch
+    again = common.train_images(args)
+    assert len(decoded) == 4  # the second call read no file ...
+    assert again.any()  # ... and got the images, not the caller's zeros
 
 
 def test_holdout_is_fixed_and_disjoint():
@@ -385,7 +393,7 @@ def test_checkpoint_roundtrip_and_wrong_stage(tmp_path):
     with pytest.raises(UserError, match="no s2 checkpoint .*run `python x.py` first"):
         common.load_checkpoint(tmp_path / "none.pt", "s2", hint="python x.py")
     (tmp_path / "junk.pt").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="not a readable checkpoint"):
+    with pytest.raises(UserError, match="not a checkpoint this code wrote.*--overwrite"):
         common.load_checkpoint(tmp_path / "junk.pt", "s1")
 
 
@@ -444,7 +452,7 @@ def test_train_loop_applies_lr_schedule_and_drops_optimizer_when_done(tmp_path):
         return 0.5 if step > 2 else 1.0
 
     args = Namespace(device="cpu", lr=0.1, epochs=1, batch_size=2, max_steps=4, overwrite=False, compile=0,
-                     seed=0, workers=0, amp=0, log_every=1, save_every=2, max_minutes=None)
+                     seed=0, workers=0, amp=0, log_every=1, save_every=2, save_every_min=0, max_minutes=None)
     ck = common.train(stage="t", model=model, model_config={}, args=args, images=torch.zeros(8, 3, 4, 4, dtype=torch.uint8),
                       make_batch=lambda x, gen: {"x": x}, loss_fn=loss_fn, ckpt_path=tmp_path / "t.pt", lr_at=lr_at)
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
@@ -485,3 +493,22 @@ def test_train_fraction_out_of_range_is_refused(frac):
     import stage1_rcae
     with pytest.raises(UserError, match=r"--train_fraction must be in \(0, 1\]"):
         stage1_rcae.get_args(["--data", "x", "--train_fraction", frac])
+
+
+def test_train_loop_sets_the_optimiser_lr_from_the_schedule(tmp_path):
+    """A multiplier of 0 after step 2 leaves Adam nothing to move: 4 such steps end where 2 plain ones did."""
+    def run(max_steps, lr_at, name):
+        torch.manual_seed(0)
+        model = torch.nn.Conv2d(3, 3, 1)
+        args = Namespace(device="cpu", lr=0.1, epochs=1, batch_size=2, max_steps=max_steps, overwrite=False,
+                         compile=0, seed=0, workers=0, amp=0, log_every=1, save_every=100, save_every_min=0,
+                         max_minutes=None)
+        images = torch.randint(0, 255, (8, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        common.train(stage="t", model=model, model_config={}, args=args, images=images,
+                     make_batch=lambda x, gen: {"x": x}, loss_fn=lambda net, b: ((net(b["x"]) - 0.5).pow(2).mean(), {}),
+                     ckpt_path=tmp_path / f"{name}.pt", lr_at=lr_at)
+        return model.weight.detach().clone()
+
+    two = run(2, None, "two")
+    assert torch.equal(run(4, lambda step, total: float(step <= 2), "stopped"), two)
+    assert not torch.equal(run(4, None, "four"), two)

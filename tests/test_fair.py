@@ -96,6 +96,14 @@ def test_msgms_zero_for_identical_and_local_for_an_edit():
     assert float(maps[1, 0, 45, 45]) == pytest.approx(float(scores[1]), rel=0.5)  # peak near the edit
 
 
+def test_mean_filter_scales_with_the_image_like_d0():
+    assert [fair.mean_filter_side(21, s, s) for s in (64, 128, 256, 512)] == [5, 11, 21, 41]
+    x, r = _image(128), _image(128, seed=1)
+    a = 3e-4 * fair.color_anomaly(x, r) + fair.gradient_anomaly(x, r)
+    expected = torch.nn.functional.avg_pool2d(a, 11, stride=1, padding=5, count_include_pad=True)  # 21 x 128/256
+    assert torch.allclose(fair.anomaly_map(x, r)[0], expected)
+
+
 @pytest.mark.parametrize("rgb,lab", [
     ((1.0, 1.0, 1.0), (100.0, 0.0, 0.0)),
     ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),

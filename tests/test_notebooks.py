@@ -57,6 +57,22 @@ def test_recursion_dynamics_runs(workdir, monkeypatch):
         assert png.is_file() and png.stat().st_size > 1000, png
     assert any(o.output_type == "display_data" and "image/png" in o.data
                for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    # a value the notebook computed: the normal image's residual per depth, recomputed here from the same run
+    import re
+
+    import torch
+
+    import common
+    import stage3_crd
+    printed = re.search(r"\|I - I_R\^n\|: \[([^\]]*)\]", text_of(nb)).group(1)
+    run = workdir / "runs" / "toy_quick"
+    ck = common.load_checkpoint(run / "stage1_rcae.pt", "stage1_rcae")
+    test = common.load_split(ck["args"]["data"], "test", ck["model_config"]["image_size"])
+    x = common.to_float(test.images[[int(torch.nonzero(test.labels == 0)[0])]])  # the notebook's normal image
+    with torch.inference_mode():
+        recons = stage3_crd.load_detector(str(run))(x)["recons"]  # (1, N, 3, H, W)
+    ours = (recons - x[:, None]).abs().mean((0, 2, 3, 4))  # (N,)
+    assert [float(v) for v in printed.split()] == pytest.approx(ours.tolist(), abs=1.5e-4)
 
 
 def test_per_category_results_runs(workdir, monkeypatch):

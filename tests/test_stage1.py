@@ -26,9 +26,17 @@ def test_shapes_every_depth(size, depth):
     assert model(x, depth).is_contiguous() and allr.is_contiguous()
 
 
-def test_parameter_count_independent_of_depth():
-    counts = {common.n_params(RcAE(Config(width=16, depth=n))) for n in (1, 3, 5, 8)}
-    assert len(counts) == 1
+def test_every_recursion_step_applies_the_same_blocks():
+    """Eq. (3)-(4) recomputed by hand: depth n is n times down(E(.)) then n times up(D(.)), with one E and D."""
+    model = RcAE(Config(width=8, depth=3))
+    x = torch.rand(2, 3, 32, 32)
+    for n in (1, 2, 3):
+        h = x
+        for _ in range(n):
+            h = model.down(model.E(h))
+        for _ in range(n):
+            h = model.up(model.D(h))
+        assert torch.allclose(model(x, n), h, atol=1e-6), n
 
 
 def test_gradients_reach_every_parameter():
@@ -45,6 +53,16 @@ def test_depth_one_uses_every_block():
     x = torch.rand(1, 3, 16, 16)
     recon_loss(model(x, 1), x)[0].backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_make_batch_draws_the_depth_per_batch_and_keeps_the_clean_target():
+    x = torch.rand(4, 3, 32, 32)
+    depths = [int(stage1_rcae.make_batch(x, torch.Generator().manual_seed(s), 0.0, 4)["n"]) for s in range(200)]
+    counts = [depths.count(n) for n in (1, 2, 3, 4)]
+    assert min(counts) > 30, counts  # uniform over 1..N: 50 each expected
+    b = stage1_rcae.make_batch(x, torch.Generator().manual_seed(0), 1.0, 4)
+    assert torch.equal(b["target"], x)  # denoising: the clean image is the target ...
+    assert all(not torch.equal(b["input"][i], x[i]) for i in range(4))  # ... of an input with pseudo anomalies
 
 
 def test_loss_eq5():

@@ -114,12 +114,24 @@ def test_dpn_gradients_reach_every_parameter_and_never_the_rcae():
 
 
 @pytest.mark.parametrize("size,depths", [(16, [3]), (20, [1, 3]), (64, [1, 2, 3, 4, 5])])
-def test_crd_shapes_and_range(size, depths):
+def test_crd_shapes(size, depths):
     crd = CRD(stage3_crd.Config(depth=5, width=4, use_depths=depths))
-    x = torch.randn(2, 6, len(depths), size, size) * 3
-    m = crd(x)
-    assert m.shape == (2, 1, size, size)
-    assert m.min() >= 0 and m.max() <= 1
+    assert crd(torch.randn(2, 6, len(depths), size, size)).shape == (2, 1, size, size)
+
+
+def test_crd_map_follows_the_image():
+    """M_A is local: a change in a 4x4 patch moves the map only near it, and shifting the input by a multiple
+    of the 8 px stride shifts the map by as much, away from the zero-padded borders."""
+    crd = CRD(stage3_crd.Config(depth=2, width=4))
+    x = torch.randn(1, 6, 2, 96, 96)
+    with torch.no_grad():
+        m = crd.logits(x)
+        shifted = crd.logits(torch.roll(x, 16, dims=-1))
+        assert torch.allclose(shifted[..., 32:80], torch.roll(m, 16, dims=-1)[..., 32:80], atol=1e-5)
+        x2 = x.clone()
+        x2[..., 10:14, 10:14] += 5
+        changed = ((crd.logits(x2) - m).abs() > 1e-5)[0, 0]  # (H, W)
+    assert changed[10:14, 10:14].all() and not changed[48:].any() and not changed[:, 48:].any()
 
 
 def test_crd_config_default_uses_every_depth():
@@ -190,6 +202,33 @@ def test_crd_learns_to_find_fresh_pseudo_anomalies(toy_data, tmp_path, monkeypat
     assert val[False]["aupro"] > val[True]["aupro"], val
 
 
+def test_detector_runs_crd_in_the_precision_it_was_trained_in(monkeypatch):
+    """Stage 3 trains CRD under common.autocast (bf16 upstream outputs on CUDA); the Detector that evaluate.py
+    uses must feed it the same. Autocast on the CPU takes the same code path as on CUDA."""
+    monkeypatch.setattr(common, "AMP_DEVICE_TYPES", ("cuda", "cpu"))
+    torch.manual_seed(0)
+    up, dpn, crd = common.freeze(rcae()), common.freeze(DPN(stage2_dpn.Config(depth=3, width=8))), CRD(
+        stage3_crd.Config(depth=3, width=4)).eval()
+    torch.nn.init.normal_(dpn.ae.dec1.weight, std=0.1)  # a DPN that does something
+    x = torch.rand(2, 3, 32, 32)
+    seen = []
+
+    class Spy(torch.nn.Module):  # the trained network as stage 3's loss sees it: record its logits
+        def logits(self, inp):
+            seen.append(crd.logits(inp))
+            return seen[-1]
+
+    maps = {}
+    for amp in (1, 0):
+        with common.autocast(x.device, amp), torch.no_grad():  # as common.train runs the loss
+            stage3_crd.loss_fn(Spy(), {"image": x, "mask": torch.zeros(2, 1, 32, 32)}, up, dpn, [1, 2, 3])
+        with torch.no_grad():
+            maps[amp] = stage3_crd.Detector(up, dpn, crd, amp=amp)(x)["map"]
+        assert maps[amp].dtype == torch.float32
+        assert torch.equal(maps[amp], torch.sigmoid(seen[-1].float())), amp  # training's path, bit for bit
+    assert not torch.equal(maps[1], maps[0])  # and amp 1 really ran in bf16
+
+
 def test_crd_input_layout_and_table6_subset():
     refined, image = torch.rand(2, 5, 3, 8, 8), torch.rand(2, 3, 8, 8)
     inp = crd_input(refined, image, [1, 3])
@@ -228,7 +267,7 @@ def test_make_batch_without_anomalies_gives_zero_masks():
 def test_calibrate_without_holdout_warns(capsys):
     det = stage3_crd.Detector(rcae(), DPN(stage2_dpn.Config(depth=3, width=8)),
                               CRD(stage3_crd.Config(depth=3, width=4)))
-    args = SimpleNamespace(batch_size=4, topk_frac=0.01, threshold_quantile=0.99)
+    args = SimpleNamespace(batch_size=4, topk_frac=0.01, threshold_quantile=0.99, holdout=0)
     cal = stage3_crd.calibrate(det, torch.zeros(0, 3, 32, 32, dtype=torch.uint8), args)
     assert cal["image_threshold"] is None and cal["holdout_scores"] == []
     assert "holdout" in capsys.readouterr().err
