@@ -137,6 +137,8 @@ import csv  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 
+import torch  # noqa: E402
+
 import common  # noqa: E402
 import stage1_rcae  # noqa: E402
 from conftest import quick_args  # noqa: E402
@@ -226,6 +228,14 @@ def test_full_chain_three_variants_and_predict(toy_data, trained, tmp_path):
     assert list(m["variants"]) == ["rcae", "rcae+dpn", "crd"]
     for v in m["variants"].values():
         check_variant(v, 12, 6)
+    # every variant gets the same post-processing, and metrics.json says which
+    assert m["post_processing"] == {"gaussian_sigma": 4.0, "applied_to": "every variant's map"}
+    st = stage3_crd.load_chain(out)
+    x = common.to_float(common.load_split(toy_data, "test", 64, 0).images[:2])
+    det = stage3_crd.detector_of(st)
+    for sigma in (0.0, 4.0):
+        crd_map = evaluate.variant_fns(st, sigma, 0.01)["crd"](x)[0]
+        assert torch.allclose(crd_map, evaluate.gaussian_blur(det(x)["map"], sigma), atol=1e-6)
     p = m["params"]
     assert m["variants"]["crd"]["params"] == p["stage1_rcae"] + p["stage2_dpn"] + p["stage3_crd"]
     cal = m["calibrated_threshold"]
