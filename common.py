@@ -563,7 +563,7 @@ RECIPES = {
     "paper": {},
     "cpu": {"stage1_rcae": dict(image_size=128, lr=1e-3, max_steps=1758),
             "stage2_dpn": dict(lr=1e-3, max_steps=263),
-            "stage3_crd": dict(max_steps=258)},
+            "stage3_crd": dict(lr=1e-3, loss="focal", anomaly_size="relative", init_prior=0.01, max_steps=258)},
 }
 
 

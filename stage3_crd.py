@@ -5,6 +5,7 @@ U-Net, looks at every depth's detail-enhanced reconstruction next to the input a
 axis is the 3D convolutions' third axis) and predicts the anomaly map:
 
     M_A   = f_CRD(I_D^n (+) I),  n in use_depths (all of 1..N by default)            Eq. (8)
+            (by default each depth enters as the residual I - I_D^n next to I: --crd_input image is the paper's)
     L_CRD = |M_A - M_P|_2 + |M_A' - M_P'|_2                                           Eq. (9)
 
 RcAE and DPN are frozen; the input has pseudo anomalies (mask M_P) part of the time. The image score
@@ -47,9 +48,10 @@ def get_args(argv=None):
     g.add_argument("--use_depths", default=None,
                    help="recursion depths fed to CRD, comma-separated, e.g. 1,3,5 (default: all of 1..N, "
                         "as in the paper; its Table 6 ablates 5 and 1,3,5)")
-    g.add_argument("--crd_input", choices=["image", "residual"], default="image",
-                   help="what CRD sees of each depth next to I: the refined I_D^n (paper, Eq. (8)) or the residual "
-                        "I - I_D^n")
+    g.add_argument("--crd_input", choices=["image", "residual"], default="residual",
+                   help="what CRD sees of each depth next to I: the residual I - I_D^n (default) or the refined I_D^n "
+                        "itself (the paper's Eq. (8)). The same information; the residual puts the anomaly signal in "
+                        "the input instead of leaving the difference to be learnt (README, 'Reading the paper')")
     g = p.add_argument_group("loss (stage 3)")
     g.add_argument("--loss", choices=["l2", "bce", "focal"], default="l2",
                    help="mask term of Eq. (9): l2 (paper), or binary cross-entropy / focal (gamma 2, DRAEM) on the "
@@ -260,18 +262,27 @@ def validation_set(images, args, seed=0):
     return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size)  # (M, C, H, W), (M, 1, H, W)
 
 
+@torch.no_grad()
 def validate(crd, rcae, dpn, val, batch_size=8, amp=1):
     """P-AUROC and AUPRO of CRD's map on the validation set: do the pseudo anomalies get found?
-    (Not whether real defects do: that only the test split tells, and only evaluate.py reads it.)"""
+    (Not whether real defects do: that only the test split tells, and only evaluate.py reads it.)
+    The same metrics of the residual |I - I_D^N| (the rcae+dpn variant, from the same forward pass, both
+    maps unsmoothed) come beside them as "residual_*": the bar CRD has to clear."""
     import evaluate  # the one home of the metrics; imported here, as evaluate imports this file
     images, masks = val
     device = next(crd.parameters()).device
-    detector, maps = Detector(rcae, dpn, crd, amp=amp), []
+    detector, maps, res = Detector(rcae, dpn, crd, amp=amp), [], []
     for i in range(0, len(images), batch_size):
-        maps.append(detector(images[i:i + batch_size].to(device))["map"].cpu())
-    maps, masks = torch.cat(maps)[:, 0].numpy(), masks[:, 0].numpy()  # (M, H, W)
-    return {"p_auroc": evaluate.pixel_auroc(masks, maps), "aupro": evaluate.aupro(masks, maps),
-            "anomalous_px": float(masks.mean())}
+        x = images[i:i + batch_size].to(device)  # (b, C, H, W)
+        out = detector(x)
+        maps.append(out["map"].cpu())  # (b, 1, H, W)
+        res.append(evaluate.residual_map(x, out["refined"][:, -1], 0).cpu())  # (b, 1, H, W)
+    masks = masks[:, 0].numpy()  # (M, H, W)
+    val = {"anomalous_px": float(masks.mean())}
+    for prefix, m in (("", maps), ("residual_", res)):
+        m = torch.cat(m)[:, 0].numpy()  # (M, H, W)
+        val.update({f"{prefix}p_auroc": evaluate.pixel_auroc(masks, m), f"{prefix}aupro": evaluate.aupro(masks, m)})
+    return val
 
 
 def calibrate(detector, images, args):

@@ -135,7 +135,7 @@ def test_ablation_table4_smoke_and_runs_shared_with_table2(tmp_path):
     evaluate.py and writes the paper's layout with the paper's numbers; --table 2 then trains nothing new."""
     data = common.make_synthetic_category(tmp_path / "toy", size=32, n_train=8, n_test_good=2, n_test_bad=2)
     out = tmp_path / "abl"
-    ablations.main(["--table", "4", "--data", data, "--image_size", "32", "--steps", "1", "--out", str(out)])
+    ablations.main(["--table", "4", "--data", data, "--image_size", "32", "--steps", "3,2,1", "--out", str(out)])
     rep = json.loads((out / "ablation_table4.json").read_text())
     paper = json.loads(ablations.PAPER.read_text())["table4"]["rows"]
     mark = {True: "✓", False: "✗"}
@@ -144,17 +144,21 @@ def test_ablation_table4_smoke_and_runs_shared_with_table2(tmp_path):
     root = next((out / "tables").iterdir()) / "toy"
     for r in rep["rows"]:
         assert r["ours"]["toy"]["i_auroc"] is not None and r["variant"] == ("rcae" if r["labels"][0] == "ConvAE" else "crd")
-        cfg = torch.load(root / r["run"] / "stage1_rcae.pt", weights_only=True)["model_config"]
+        ck = torch.load(root / r["run"] / "stage1_rcae.pt", weights_only=True)
+        cfg = ck["model_config"]
+        assert ck["step"] == 3 and ck["args"]["recipe"] == "cpu"  # stage 1's own count, even in a ConvAE-only run
         assert (cfg["arch"], mark[bool(cfg["skip"])], mark[bool(cfg["share"])]) == (
             r["labels"][0].lower(), r["labels"][1], r["labels"][2])  # each row's own model, not the default one
         assert (root / r["run"] / "stage3_crd.pt").is_file() == (r["variant"] == "crd")
+        if r["variant"] == "crd":
+            assert torch.load(root / r["run"] / "stage3_crd.pt", weights_only=True)["step"] == 1
     md = (out / "ablation_table4.md").read_text()
     assert md.count("\n| ") == 1 + 5 and "| RcAE | ✓ | ✗ | crd |" in md and "| 71.3/74.2 | 73.5/75.0 |" in md
     def weights():  # stage 3 re-saves its calibration on every call; the weights must stay
         return {p: common.fingerprint(torch.load(p, weights_only=True)["model"]) for p in root.rglob("*.pt")}
 
     trained = weights()
-    ablations.main(["--table", "2", "--data", data, "--image_size", "32", "--steps", "1", "--out", str(out)])
+    ablations.main(["--table", "2", "--data", data, "--image_size", "32", "--steps", "3,2,1", "--out", str(out)])
     assert weights() == trained  # every Table 2 run was there: nothing trained again
     t2 = json.loads((out / "ablation_table2.json").read_text())["rows"]
     assert [r["variant"] for r in t2] == ["rcae", "rcae", "rcae+dpn", "crd"]

@@ -202,6 +202,24 @@ def test_crd_learns_to_find_fresh_pseudo_anomalies(toy_data, tmp_path, monkeypat
     assert val[False]["aupro"] > val[True]["aupro"], val
 
 
+def test_validation_reports_the_residual_bar_beside_crd():
+    """Stage 3's validation scores the rcae+dpn residual |I - I_D^N| on the same pseudo anomalies, so a log
+    shows whether CRD beats the map it is meant to improve on."""
+    import evaluate
+    torch.manual_seed(0)
+    up, dpn = common.freeze(rcae()), common.freeze(DPN(stage2_dpn.Config(depth=3, width=8)))
+    torch.nn.init.normal_(dpn.ae.dec1.weight, std=0.1)
+    crd = CRD(stage3_crd.Config(depth=3, width=4)).eval()
+    images, masks = torch.rand(4, 3, 32, 32), (torch.rand(4, 1, 32, 32) > 0.9).float()
+    val = stage3_crd.validate(crd, up, dpn, (images, masks), batch_size=3)
+    with torch.no_grad():
+        res = (images - dpn.refine(up.reconstruct_all(images), images)[:, -1]).abs().mean(1)  # (M, H, W)
+        crd_map = crd(crd_input(dpn.refine(up.reconstruct_all(images), images), images, [1, 2, 3]))[:, 0]
+    assert val["residual_p_auroc"] == pytest.approx(evaluate.pixel_auroc(masks[:, 0].numpy(), res.numpy()), abs=1e-6)
+    assert val["p_auroc"] == pytest.approx(evaluate.pixel_auroc(masks[:, 0].numpy(), crd_map.numpy()), abs=1e-6)
+    assert val["residual_p_auroc"] != val["p_auroc"]
+
+
 def test_detector_runs_crd_in_the_precision_it_was_trained_in(monkeypatch):
     """Stage 3 trains CRD under common.autocast (bf16 upstream outputs on CUDA); the Detector that evaluate.py
     uses must feed it the same. Autocast on the CPU takes the same code path as on CUDA."""
@@ -321,7 +339,7 @@ def test_chain_crd_checkpoint_and_detector(chain):
     crd, ck = stage3_crd.load_crd(chain.out / "stage3_crd.pt")
     assert ck["stage"] == "stage3_crd" and ck["step"] == 2
     assert ck["model_config"] == {"channels": 3, "depth": 3, "image_size": 64, "width": 4, "use_depths": [1, 2, 3],
-                                  "crd_input": "image"}
+                                  "crd_input": "residual"}  # the default
     # what common.train saved survives the calibration rewrite
     assert ck["total_steps"] == 2 and set(ck["upstream"]) == {"rcae", "rcae_sha", "dpn", "dpn_sha"}
     det = stage3_crd.load_detector(chain.out)
