@@ -76,6 +76,11 @@ STUDIES = {
                                                                    "--anomaly_size", "relative", "--init_prior", "0.01"]}),
         ("row 8 + residual input", {"stage3_crd": ["--lr", "1e-3", "--loss", "focal", "--anomaly_size", "relative",
                                                    "--init_prior", "0.01", "--crd_input", "residual"]}),
+        # leave one out of row 9 (the CPU recipe's stage 3): which of its changes are needed
+        ("row 9 with the L2 loss", {"stage3_crd": ["--lr", "1e-3", "--loss", "l2", "--anomaly_size", "relative",
+                                                   "--init_prior", "0.01", "--crd_input", "residual"]}),
+        ("row 9 with scaled sizes", {"stage3_crd": ["--lr", "1e-3", "--loss", "focal", "--anomaly_size", "scaled",
+                                                    "--init_prior", "0.01", "--crd_input", "residual"]}),
     ]),
 }
 
