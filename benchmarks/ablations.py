@@ -299,10 +299,16 @@ def run_table(study, rows, datas, args, argv):
     for data in datas:
         for name, (flags, stages) in runs.items():
             out, stages = root / Path(data).name / name, sorted(stages, key=CHAIN.index)
+            if args.report:  # only what is trained and evaluated already
+                if all((out / f"{s}.pt").is_file() for s in stages) and (out / "metrics.json").is_file():
+                    trained[Path(data).name, name] = read_row(dict(study, stages=stages), name, data, out)
+                continue
             print(f"\n=== {args.study} run {name} on {data} ({out}): {', '.join(stages)}")
             trained[Path(data).name, name] = run_row(dict(study, stages=stages), name, flags, data, str(out), test_args)
             result = table_result(study, rows, trained, datas, paper, args, argv)
             (Path(args.out) / f"ablation_{args.study}.json").write_text(json.dumps(result, indent=1))
+    result = table_result(study, rows, trained, datas, paper, args, argv)
+    (Path(args.out) / f"ablation_{args.study}.json").write_text(json.dumps(result, indent=1))
     md = table_markdown(study, result)
     (Path(args.out) / f"ablation_{args.study}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

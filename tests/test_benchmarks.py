@@ -163,6 +163,12 @@ def test_ablation_table4_smoke_and_runs_shared_with_table2(tmp_path):
     t2 = json.loads((out / "ablation_table2.json").read_text())["rows"]
     assert [r["variant"] for r in t2] == ["rcae", "rcae", "rcae+dpn", "crd"]
     assert [r["paper"]["i_auroc"] for r in t2] == [82.4, 94.1, 95.7, 98.9]
+    # --report 1 tabulates what is trained and evaluated, and trains nothing: Table 5's 100% rows are these runs
+    t5 = ablations.main(["--table", "5", "--data", data, "--image_size", "32", "--steps", "3,2,1", "--out", str(out),
+                         "--report", "1"])
+    assert weights() == trained and not any("train_fraction" in p.parent.name for p in root.rglob("*.pt"))
+    assert [r["labels"][1] for r in t5["rows"] if r["ours"]] == ["100%", "100%"]
+    assert [r["ours"] for r in t5["rows"] if r["ours"]] == [t2[0]["ours"], t2[3]["ours"]]
 
 
 def test_paper_tables_4_and_5_agree_with_table2():
