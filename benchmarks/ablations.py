@@ -296,6 +296,13 @@ def run_table(study, rows, datas, args, argv):
     root = Path(args.out) / "tables" / f"{args.image_size}px_steps{'-'.join(map(str, args.steps))}_seed{args.seed}"
     test_args = argparse.Namespace(**{**vars(args), "test": 1})
     trained = {}  # (category, run) -> run_row's result
+
+    def save():  # the table so far: written after every run, so an interrupted table keeps what it has
+        result = table_result(study, rows, trained, datas, paper, args, argv)
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # --report 1 on an --out nothing was trained in
+        (Path(args.out) / f"ablation_{args.study}.json").write_text(json.dumps(result, indent=1))
+        return result
+
     for data in datas:
         for name, (flags, stages) in runs.items():
             out, stages = root / Path(data).name / name, sorted(stages, key=CHAIN.index)
@@ -305,10 +312,8 @@ def run_table(study, rows, datas, args, argv):
                 continue
             print(f"\n=== {args.study} run {name} on {data} ({out}): {', '.join(stages)}")
             trained[Path(data).name, name] = run_row(dict(study, stages=stages), name, flags, data, str(out), test_args)
-            result = table_result(study, rows, trained, datas, paper, args, argv)
-            (Path(args.out) / f"ablation_{args.study}.json").write_text(json.dumps(result, indent=1))
-    result = table_result(study, rows, trained, datas, paper, args, argv)
-    (Path(args.out) / f"ablation_{args.study}.json").write_text(json.dumps(result, indent=1))
+            save()
+    result = save()
     md = table_markdown(study, result)
     (Path(args.out) / f"ablation_{args.study}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
