@@ -555,6 +555,12 @@ INHERITED = ("image_size", "depth", "holdout", "resize", "train_fraction")  # a 
 BEFORE_FLAG = {"resize": "squash", "train_fraction": 1.0}  # what a checkpoint written before a flag existed did
 
 
+# --lr_schedule: multiplier of --lr at optimiser step `step` (1-based) of `total`. The paper gives no schedule
+# ("constant"). "cosine" ends the run at a small lr, so the weights it saves are not wherever Adam's noise at a
+# large constant lr left them on the last step (README, "Reading the paper").
+LR_SCHEDULES = {"constant": None, "cosine": lambda step, total: 0.5 * (1 + math.cos(math.pi * (step - 1) / total))}
+
+
 # Named recipes: the defaults of each stage's flags that a recipe changes (explicit flags still win).
 # "paper" is the paper's settings (1024 px, lr 1e-4, 1500/400/300 epochs: days on a CPU). "cpu" is the
 # recipe measured on this project's 2-core CPU (README, "Results"): 128 px, lr 1e-3, the step budget of the
@@ -632,6 +638,9 @@ def add_shared_args(p, recursion=True, upstream=False, paper="paper", **defaults
                    help=f"images per step (default: {d['batch_size']}, as in the {paper})" if "batch_size" in defaults
                    else "images per step (paper: not given)")
     g.add_argument("--lr", type=float, default=d["lr"], help=f"Adam learning rate ({paper}: 1e-4, betas 0.9/0.999)")
+    if recursion:  # FAIR keeps its own schedule (baselines/fair.py)
+        g.add_argument("--lr_schedule", choices=sorted(LR_SCHEDULES), default="constant",
+                       help="constant (the paper gives no schedule) or cosine (decays to 0 over the run's steps)")
     g = p.add_argument_group("runtime / io")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--seed", type=int, default=0, help="seed of weights, batches and augmentation")
@@ -948,7 +957,7 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     images: (M, C, H, W) uint8 training images; make_batch(x (B, C, H, W) float, gen) -> dict of
     tensors; loss_fn(net, batch on device) -> (total, parts dict). Adam with the paper's settings;
     lr_at(step, total) -> multiplier of args.lr for optimiser step `step` (1-based); default
-    constant, as in RcAE. validate(model) -> dict of numbers, on data kept out of training (never the test
+    args.lr_schedule's (constant, as in RcAE, unless --lr_schedule says otherwise). validate(model) -> dict of numbers, on data kept out of training (never the test
     split), runs every --val_every steps and at the end: logged as {"step", "val"} and kept in the
     checkpoint under "val".
     Resumes from ckpt_path when it holds an unfinished run with the same model_config. Stops on a
@@ -958,6 +967,7 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                            betas=(0.9, 0.999), eps=1e-8)  # paper, "Training Setup"
     total, start = total_steps(args, len(images)), 0
+    lr_at = lr_at or LR_SCHEDULES[getattr(args, "lr_schedule", "constant")]
     cfg = plain(model_config)
     if Path(ckpt_path).is_file() and not args.overwrite:
         ck = load_checkpoint(ckpt_path, stage)

@@ -57,6 +57,8 @@ STUDIES = {
         ("lr 1e-3, input standardised", {"stage1_rcae": ["--input_norm", "1"]}),
         ("lr 1e-3, N=2", {"stage1_rcae": ["--depth", "2"]}),
         ("lr 1e-3, sigmoid output", {"stage1_rcae": ["--out_act", "sigmoid"]}),
+        ("lr 1e-3, input standardised, width 64", {"stage1_rcae": ["--input_norm", "1", "--width", "64"]}),
+        ("lr 1e-3, input standardised, cosine lr", {"stage1_rcae": ["--input_norm", "1", "--lr_schedule", "cosine"]}),
     ]),
     # what makes CRD detect (issue 11): stages 1-2 trained once per category ("upstream", the CPU recipe's
     # stage 1), then every row trains only CRD on them, one change from the paper's reading per row
@@ -81,6 +83,10 @@ STUDIES = {
                                                    "--init_prior", "0.01", "--crd_input", "residual"]}),
         ("row 9 with scaled sizes", {"stage3_crd": ["--lr", "1e-3", "--loss", "focal", "--anomaly_size", "scaled",
                                                     "--init_prior", "0.01", "--crd_input", "residual"]}),
+        ("row 9 with lr 1e-4", {"stage3_crd": ["--lr", "1e-4", "--loss", "focal", "--anomaly_size", "relative",
+                                               "--init_prior", "0.01", "--crd_input", "residual"]}),
+        ("row 9 with the head started at 0.5", {"stage3_crd": ["--lr", "1e-3", "--loss", "focal", "--anomaly_size",
+                                                               "relative", "--crd_input", "residual"]}),
     ]),
 }
 

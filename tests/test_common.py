@@ -1,5 +1,7 @@
 """common.py: loaders (every layout, image modes, aspect ratio), bad input, pseudo anomalies, grad, checkpoints."""
 import csv
+import importlib
+import math
 import shutil
 import subprocess
 import sys
@@ -512,3 +514,26 @@ def test_train_loop_sets_the_optimiser_lr_from_the_schedule(tmp_path):
     two = run(2, None, "two")
     assert torch.equal(run(4, lambda step, total: float(step <= 2), "stopped"), two)
     assert not torch.equal(run(4, None, "four"), two)
+
+
+def test_lr_schedule_flag_sets_the_lr_of_every_step(tmp_path, monkeypatch):
+    """--lr_schedule cosine: step t of T runs at lr * (1 + cos(pi (t-1) / T)) / 2; constant keeps lr."""
+    seen, adam_step = [], torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (seen.append(self.param_groups[0]["lr"]),
+                                                                         adam_step(self, *a, **k))[1])
+
+    def run(schedule):
+        seen.clear()
+        args = Namespace(device="cpu", lr=0.1, epochs=1, batch_size=2, max_steps=4, overwrite=True, compile=0,
+                         seed=0, workers=0, amp=0, log_every=1, save_every=100, save_every_min=0, max_minutes=None,
+                         lr_schedule=schedule)
+        images = torch.zeros(8, 3, 4, 4, dtype=torch.uint8)
+        common.train(stage="t", model=torch.nn.Conv2d(3, 3, 1), model_config={}, args=args, images=images,
+                     make_batch=lambda x, gen: {"x": x}, loss_fn=lambda net, b: (net(b["x"]).pow(2).mean(), {}),
+                     ckpt_path=tmp_path / f"{schedule}.pt")
+        return list(seen)
+
+    assert run("cosine") == pytest.approx([0.1 * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)])
+    assert run("constant") == pytest.approx([0.1] * 4)
+    for stage in ("stage1_rcae", "stage2_dpn", "stage3_crd"):  # every recursion stage takes the flag
+        assert importlib.import_module(stage).get_args(["--data", "x", "--lr_schedule", "cosine"]).lr_schedule == "cosine"
