@@ -956,10 +956,10 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
 
     images: (M, C, H, W) uint8 training images; make_batch(x (B, C, H, W) float, gen) -> dict of
     tensors; loss_fn(net, batch on device) -> (total, parts dict). Adam with the paper's settings;
-    lr_at(step, total) -> multiplier of args.lr for optimiser step `step` (1-based); default
-    args.lr_schedule's (constant, as in RcAE, unless --lr_schedule says otherwise). validate(model) -> dict of numbers, on data kept out of training (never the test
-    split), runs every --val_every steps and at the end: logged as {"step", "val"} and kept in the
-    checkpoint under "val".
+    lr_at(step, total) -> multiplier of args.lr for optimiser step `step` (1-based); default: that of
+    --lr_schedule (constant, as in RcAE, unless it says otherwise). validate(model) -> dict of numbers, on
+    data kept out of training (never the test split), runs every --val_every steps and at the end: logged
+    as {"step", "val"} and kept in the checkpoint under "val".
     Resumes from ckpt_path when it holds an unfinished run with the same model_config. Stops on a
     non-finite loss, keeping the last good checkpoint. Returns the final checkpoint dict."""
     device = get_device(args.device)
