@@ -39,6 +39,18 @@ import stage1_rcae
 import stage2_dpn
 import stage3_crd
 
+# the CPU recipe's stage 3 (the crd study's row 9) as {flag: value}; its leave-one-out rows change one value
+# (None leaves the flag out, back to its default)
+ROW9 = {"--lr": "1e-3", "--loss": "focal", "--anomaly_size": "relative", "--init_prior": "0.01",
+        "--crd_input": "residual"}
+
+
+def row9_with(**changed):
+    """Row 9's flags with some changed: row9_with(loss="l2") -> [..., "--loss", "l2", ...]."""
+    flags = {**ROW9, **{f"--{k}": v for k, v in changed.items()}}
+    return [x for k, v in flags.items() if v is not None for x in (k, v)]
+
+
 # each study: the base flags of every stage, then rows (name, {stage: extra flags}); "stages" = which to train
 STUDIES = {
     # what makes the recursion learn at a CPU budget (issue 11): every row changes one thing from "paper"
@@ -76,17 +88,12 @@ STUDIES = {
                                                              "--anomaly_size", "relative"]}),
         ("row 7 + head started at the prior 0.01", {"stage3_crd": ["--lr", "1e-3", "--loss", "focal",
                                                                    "--anomaly_size", "relative", "--init_prior", "0.01"]}),
-        ("row 8 + residual input", {"stage3_crd": ["--lr", "1e-3", "--loss", "focal", "--anomaly_size", "relative",
-                                                   "--init_prior", "0.01", "--crd_input", "residual"]}),
+        ("row 8 + residual input", {"stage3_crd": row9_with()}),
         # leave one out of row 9 (the CPU recipe's stage 3): which of its changes are needed
-        ("row 9 with the L2 loss", {"stage3_crd": ["--lr", "1e-3", "--loss", "l2", "--anomaly_size", "relative",
-                                                   "--init_prior", "0.01", "--crd_input", "residual"]}),
-        ("row 9 with scaled sizes", {"stage3_crd": ["--lr", "1e-3", "--loss", "focal", "--anomaly_size", "scaled",
-                                                    "--init_prior", "0.01", "--crd_input", "residual"]}),
-        ("row 9 with lr 1e-4", {"stage3_crd": ["--lr", "1e-4", "--loss", "focal", "--anomaly_size", "relative",
-                                               "--init_prior", "0.01", "--crd_input", "residual"]}),
-        ("row 9 with the head started at 0.5", {"stage3_crd": ["--lr", "1e-3", "--loss", "focal", "--anomaly_size",
-                                                               "relative", "--crd_input", "residual"]}),
+        ("row 9 with the L2 loss", {"stage3_crd": row9_with(loss="l2")}),
+        ("row 9 with scaled sizes", {"stage3_crd": row9_with(anomaly_size="scaled")}),
+        ("row 9 with lr 1e-4", {"stage3_crd": row9_with(lr="1e-4")}),
+        ("row 9 with the head started at 0.5", {"stage3_crd": row9_with(init_prior=None)}),
     ]),
 }
 

@@ -519,8 +519,12 @@ def test_train_loop_sets_the_optimiser_lr_from_the_schedule(tmp_path):
 def test_lr_schedule_flag_sets_the_lr_of_every_step(tmp_path, monkeypatch):
     """--lr_schedule cosine: step t of T runs at lr * (1 + cos(pi (t-1) / T)) / 2; constant keeps lr."""
     seen, adam_step = [], torch.optim.Adam.step
-    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (seen.append(self.param_groups[0]["lr"]),
-                                                                         adam_step(self, *a, **k))[1])
+
+    def recording_step(self, *a, **k):  # the lr each optimiser step runs at
+        seen.append(self.param_groups[0]["lr"])
+        return adam_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
 
     def run(schedule):
         seen.clear()
