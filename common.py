@@ -446,6 +446,11 @@ def _crack(h, w, y, x, scale, gen):
 
 
 ANOMALY_SIZES = ("scaled", "pixels", "relative")
+# --opacity: how strongly a pseudo anomaly is blended over the image, alpha * anomaly + (1 - alpha) * image.
+# "strong" (our first reading; the paper gives no opacity): colour blocks at alpha ~ U[0.5, 1], pastes and
+# cracks opaque. "draem": every kind at alpha ~ U[0.1, 1], DRAEM's beta ("DRAEM - A discriminatively trained
+# reconstruction embedding", Sec. 3.3), so faint anomalies are drawn too, as real defects often are.
+OPACITIES = ("strong", "draem")
 MIN_VISIBLE = 0.5  # a masked pixel changed by more than this fraction of the image's intensity std
 
 
@@ -454,7 +459,8 @@ def _is_gray(img):
     return bool((img == img[:1]).all())
 
 
-def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=1024, size_mode="scaled"):
+def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=1024, size_mode="scaled",
+                   opacity="strong"):
     """Paste pseudo anomalies into one image (paper, "Training Strategy"; README, "Reading the paper").
 
     img: (C, H, W) float in [0, 1]; gen: torch.Generator, the only source of randomness.
@@ -464,7 +470,8 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
       "scaled"   the paper's sizes are for 1024 px input: scaled by H/1024 (4-16 px blocks at 128 px);
       "pixels"   the paper's sizes in pixels of the training resolution, whatever it is;
       "relative" block sides of 1/8, 1/4 or 1/2 of the image, cracks 0.2-0.6 of it (DRAEM-like sizes).
-    Colours stay in the image's colour space: a grayscale image gets gray anomalies.
+    Colours stay in the image's colour space: a grayscale image gets gray anomalies. `opacity` (OPACITIES)
+    says how strongly each kind is blended over the image.
     Returns (image (C, H, W), mask (1, H, W) float). The mask marks the changed pixels that are visible:
     changed by more than MIN_VISIBLE x the image's intensity std (at least 1/255), so a patch pasted onto
     similar texture is not labelled as an anomaly nobody could see.
@@ -477,6 +484,13 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
         v = torch.rand(1 if gray else c, *shape, generator=gen)
         return v.expand(c, *shape) if gray else v
 
+    def alpha(low):  # the opacity of one anomaly: U[low, 1] ("draem": U[0.1, 1]); 1 (opaque) draws nothing
+        low = 0.1 if opacity == "draem" else low
+        return 1.0 if low >= 1 else low + (1 - low) * float(torch.rand(1, generator=gen))
+
+    def blend(under, over, a):
+        return over if a == 1 else (1 - a) * under + a * over
+
     out, region = img.clone(), torch.zeros(h, w, dtype=torch.bool)
     for _ in range(int(torch.randint(1, max_blocks + 1, (1,), generator=gen))):
         s = min(h, w, max(4, round(block_sizes[int(torch.randint(len(block_sizes), (1,), generator=gen))] * scale)))
@@ -485,33 +499,34 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
         kind = int(torch.randint(3, (1,), generator=gen))
         if kind == 2:  # crack-like random lines, drawn in one random colour
             m = _crack(h, w, y + s / 2, x + s / 2, scale, gen)
-            out[:, m] = colour(1)
+            a = alpha(1.0)  # opaque under "strong"
+            out[:, m] = blend(out[:, m], colour(1), a)
             region |= m
             continue
         coverage = 0.05 + 0.95 * float(torch.rand(1, generator=gen))
         m = _blob(s, coverage, gen)
         block = out[:, y:y + s, x:x + s]
         if kind == 0:  # random colour block, blended
-            alpha = 0.5 + 0.5 * float(torch.rand(1, generator=gen))
-            patch = (1 - alpha) * block + alpha * colour(1, 1)
+            a = alpha(0.5)
+            patch = blend(block, colour(1, 1), a)
         else:  # copy & paste a patch from elsewhere in the same image
             sy = int(torch.randint(0, h - s + 1, (1,), generator=gen))
             sx = int(torch.randint(0, w - s + 1, (1,), generator=gen))
-            patch = img[:, sy:sy + s, sx:sx + s]
+            patch = blend(block, img[:, sy:sy + s, sx:sx + s], alpha(1.0))  # opaque under "strong"
         block[:, m] = patch[:, m]
         region[y:y + s, x:x + s] |= m
     visible = (out - img).abs().amax(0) > max(1 / 255, MIN_VISIBLE * float(img.std()))  # (H, W)
     return out, (region & visible)[None].float()
 
 
-def augment_batch(x, gen, prob, size_mode="scaled"):
+def augment_batch(x, gen, prob, size_mode="scaled", opacity="strong"):
     """Pseudo anomalies on each image of a batch with probability `prob`.
 
     x: (B, C, H, W) float in [0, 1] -> (images (B, C, H, W), masks (B, 1, H, W))."""
     out, masks = x.clone(), torch.zeros_like(x[:, :1])
     for i in range(len(x)):
         if float(torch.rand(1, generator=gen)) < prob:
-            out[i], masks[i] = pseudo_anomaly(x[i], gen, size_mode=size_mode)
+            out[i], masks[i] = pseudo_anomaly(x[i], gen, size_mode=size_mode, opacity=opacity)
     return out, masks
 
 
@@ -655,6 +670,17 @@ def add_shared_args(p, recursion=True, upstream=False, paper="paper", **defaults
                    help="validate on the holdout normal images every this many steps, and at the end (0: end only)")
     g.add_argument("--overwrite", action="store_true", help="start over even if <out> has a checkpoint")
     return p
+
+
+def add_anomaly_args(g, prob_help):
+    """The pseudo-anomaly flags of the stages that draw them (1 and 3), into argument group g."""
+    g.add_argument("--anomaly_prob", type=float, default=0.5, help=prob_help)
+    g.add_argument("--anomaly_size", choices=ANOMALY_SIZES, default="scaled",
+                   help="pseudo-anomaly sizes: the paper's 32-128 px blocks scaled by image_size/1024, in pixels "
+                        "of this resolution, or relative to the image (see common.pseudo_anomaly)")
+    g.add_argument("--opacity", choices=OPACITIES, default="strong",
+                   help="how strongly pseudo anomalies are blended in: strong (colour blocks at 0.5-1, pastes and "
+                        "cracks opaque; the paper gives none) or draem (every kind at U[0.1, 1], DRAEM's opacity)")
 
 
 def default_out(data):

@@ -7,7 +7,8 @@ every recursion step. E is followed by a 2x2 stride-2 conv, D ends with a 2x2 st
     reconstruction  I_R^j = up(D(I_R^{j-1})),    j = 1..n,  I_R^0 = I_C^n        Eq. (4)
 
 A depth-n recursion gives a full-resolution reconstruction I_R^n; `reconstruct_all` returns all depths
-n = 1..N sharing the compression path. Training samples n from [1, N] per batch, feeds the image with
+n = 1..N sharing the compression path. Training samples n from [1, N] per batch (--depth_sampling all:
+every depth on every batch, averaged), feeds the image with
 pseudo anomalies part of the time, and asks for the clean image with Eq. (5): L1 on intensity + L1 on
 the first-order gradient.
 
@@ -37,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import grad
+from common import UserError, grad
 
 STAGE = "stage1_rcae"
 
@@ -59,19 +60,21 @@ def get_args(argv=None):
     g.add_argument("--arch", choices=["rcae", "convae"], default="rcae",
                    help="rcae: the recursion, depth n drawn from [1, N] per batch (Eq. (3)-(4)); convae: one pass "
                         "through all N levels, depth N only (the paper's ConvAE of Tables 2, 4, 5 with --share 0)")
+    g.add_argument("--depth_sampling", choices=["random", "all"], default="random",
+                   help="rcae training: random (one depth n drawn from [1, N] per batch, as in the paper) or all "
+                        "(every depth's Eq. (5) on every batch, averaged, sharing the compression path: each depth "
+                        "gets a gradient every step instead of on 1/N of them, for about twice the time per step)")
     g.add_argument("--share", type=int, default=1,
                    help="1: one E and one D shared by every level (paper, Eq. (3)-(4)); 0: N independent "
                         "blocks E_i, D_i (Eq. (2)), N times the parameters (Table 4)")
     g.add_argument("--skip", type=int, default=1,
                    help="1: E and D keep the skip connection inside them (paper); 0: without it (Table 4)")
     g = p.add_argument_group("augmentation (stage 1)")
-    g.add_argument("--anomaly_prob", type=float, default=0.5,
-                   help="chance that a training image gets pseudo anomalies (paper: 'denoising', rate not given)")
-    g.add_argument("--anomaly_size", choices=common.ANOMALY_SIZES, default="scaled",
-                   help="pseudo-anomaly sizes: the paper's 32-128 px blocks scaled by image_size/1024, in pixels "
-                        "of this resolution, or relative to the image (see common.pseudo_anomaly)")
+    common.add_anomaly_args(g, "chance that a training image gets pseudo anomalies (paper: 'denoising', rate not given)")
     args = common.parse_args(p, argv, STAGE)
     common.check_flags(args, width=">=1", input_norm="0/1", share="0/1", skip="0/1", anomaly_prob="[0,1]")
+    if args.arch == "convae" and args.depth_sampling == "all":
+        raise UserError("--depth_sampling all needs --arch rcae (a ConvAE has its depth-N output only)")
     return args
 
 
@@ -212,9 +215,9 @@ def recon_loss(recon, target):
 # ----------------------------------------------------------------------------- train
 
 
-def make_batch(x, gen, anomaly_prob, depth, anomaly_size="scaled", random_depth=True):
+def make_batch(x, gen, anomaly_prob, depth, anomaly_size="scaled", random_depth=True, opacity="strong"):
     """x (B, C, H, W) clean -> the step's batch; runs in the loader workers (module level: picklable)."""
-    noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size)  # denoising on pseudo anomalies
+    noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity)  # denoising on pseudo anomalies
     # recursion depth sampled per batch from [1, N]; a ConvAE (random_depth=False) always runs all N levels
     n = torch.randint(1, depth + 1, (1,), generator=gen) if random_depth else torch.tensor([depth])
     return {"input": noisy, "target": x, "n": n}
@@ -223,6 +226,14 @@ def make_batch(x, gen, anomaly_prob, depth, anomaly_size="scaled", random_depth=
 def loss_fn(net, b):
     recon = net(b["input"], int(b["n"]))  # (B, C, H, W)
     return recon_loss(recon.float(), b["target"])
+
+
+def loss_fn_all_depths(net, b):
+    """--depth_sampling all: Eq. (5) at every depth n = 1..N of the same batch, averaged."""
+    recons = net.reconstruct_all(b["input"]).float()  # (B, N, C, H, W)
+    terms = [recon_loss(recons[:, i], b["target"]) for i in range(recons.shape[1])]
+    parts = {k: torch.stack([p[k] for _, p in terms]).mean() for k in terms[0][1]}
+    return torch.stack([t for t, _ in terms]).mean(), parts
 
 
 def main(argv=None):
@@ -239,8 +250,10 @@ def main(argv=None):
 
     common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
                  make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, depth=cfg.depth,
-                                    anomaly_size=args.anomaly_size, random_depth=cfg.arch == "rcae"),
-                 loss_fn=loss_fn, ckpt_path=f"{args.out}/{STAGE}.pt",
+                                    anomaly_size=args.anomaly_size, opacity=args.opacity,
+                                    random_depth=cfg.arch == "rcae" and args.depth_sampling == "random"),
+                 loss_fn=loss_fn_all_depths if args.depth_sampling == "all" else loss_fn,
+                 ckpt_path=f"{args.out}/{STAGE}.pt",
                  validate=partial(recon_report, images=holdout, batch_size=args.batch_size) if len(holdout) else None)
 
 

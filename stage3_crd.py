@@ -60,11 +60,7 @@ def get_args(argv=None):
                    help="start M_A at this anomalous-pixel rate (the head's bias = its logit, as RetinaNet does "
                         "for rare positives); 0 = PyTorch's default init, M_A about 0.5 everywhere (paper: not given)")
     g = p.add_argument_group("augmentation (stage 3)")
-    g.add_argument("--anomaly_prob", type=float, default=0.5,
-                   help="chance that a training image gets pseudo anomalies, else all-zero mask (paper: not given)")
-    g.add_argument("--anomaly_size", choices=common.ANOMALY_SIZES, default="scaled",
-                   help="pseudo-anomaly sizes: the paper's 32-128 px blocks scaled by image_size/1024, in pixels "
-                        "of this resolution, or relative to the image (see common.pseudo_anomaly)")
+    common.add_anomaly_args(g, "chance that a training image gets pseudo anomalies, else all-zero mask (paper: not given)")
     g = p.add_argument_group("scoring (stage 3)")
     g.add_argument("--topk_frac", type=float, default=0.01,
                    help="image score = mean of this top fraction of M_A's pixels (paper: top-k mean, k not given)")
@@ -239,9 +235,9 @@ def crd_loss(logits, mask, kind="l2"):
 # ----------------------------------------------------------------------------- train
 
 
-def make_batch(x, gen, anomaly_prob, anomaly_size="scaled"):
+def make_batch(x, gen, anomaly_prob, anomaly_size="scaled", opacity="strong"):
     """x (B, C, H, W) clean -> images with pseudo anomalies and their masks M_P (all zero if untouched)."""
-    images, masks = common.augment_batch(x, gen, anomaly_prob, anomaly_size)  # (B, C, H, W), (B, 1, H, W)
+    images, masks = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity)  # (B, C, H, W), (B, 1, H, W)
     return {"image": images, "mask": masks}
 
 
@@ -259,7 +255,7 @@ def validation_set(images, args, seed=0):
     """The holdout normal images (uint8 (M, C, H, W)) with pseudo anomalies on every image, drawn from a
     stream no training stage uses, with a fixed seed: the same set for every run with these settings."""
     gen = torch.Generator().manual_seed(common.stream_seed(VAL_STREAM, seed, 0))
-    return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size)  # (M, C, H, W), (M, 1, H, W)
+    return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size, args.opacity)  # (M, C, H, W) x2
 
 
 @torch.no_grad()
@@ -322,7 +318,8 @@ def main(argv=None):
     path = f"{args.out}/{STAGE}.pt"
     common.check_upstream_unchanged(path, STAGE, ups, args)
     ck = common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
-                      make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, anomaly_size=args.anomaly_size),
+                      make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, anomaly_size=args.anomaly_size,
+                                         opacity=args.opacity),
                       loss_fn=partial(loss_fn, rcae=rcae, dpn=dpn, depths=cfg.use_depths, kind=cfg.crd_input,
                                       loss=args.loss),
                       ckpt_path=path, extra={"upstream": ups},

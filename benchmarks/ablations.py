@@ -71,6 +71,8 @@ STUDIES = {
         ("lr 1e-3, sigmoid output", {"stage1_rcae": ["--out_act", "sigmoid"]}),
         ("lr 1e-3, input standardised, width 64", {"stage1_rcae": ["--input_norm", "1", "--width", "64"]}),
         ("lr 1e-3, input standardised, cosine lr", {"stage1_rcae": ["--input_norm", "1", "--lr_schedule", "cosine"]}),
+        ("lr 1e-3, input standardised, every depth on every batch",
+         {"stage1_rcae": ["--input_norm", "1", "--depth_sampling", "all"]}),
     ]),
     # what makes CRD detect (issue 11): stages 1-2 trained once per category ("upstream", the CPU recipe's
     # stage 1), then every row trains only CRD on them, one change from the paper's reading per row
@@ -94,6 +96,8 @@ STUDIES = {
         ("row 9 with scaled sizes", {"stage3_crd": row9_with(anomaly_size="scaled")}),
         ("row 9 with lr 1e-4", {"stage3_crd": row9_with(lr="1e-4")}),
         ("row 9 with the head started at 0.5", {"stage3_crd": row9_with(init_prior=None)}),
+        # pseudo anomalies closer to real defects: faint ones too (DRAEM's opacity), on row 9
+        ("row 9 + DRAEM's opacity", {"stage3_crd": row9_with(opacity="draem")}),
     ]),
 }
 

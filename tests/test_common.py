@@ -297,6 +297,24 @@ def test_pseudo_anomaly_size_modes(mode):
             s))[1].mean() for s in range(30)])  # far larger than the scaled reading at 128 px
 
 
+def test_opacity_draem_draws_fainter_pseudo_anomalies():
+    """--opacity draem blends every kind at U[0.1, 1] (DRAEM): the changes under the masks are fainter than
+    under "strong" (colour blocks 0.5-1, pastes and cracks opaque), and the masks still mark visible ones only."""
+    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2))
+    thr = max(1 / 255, common.MIN_VISIBLE * float(img.std()))
+    change = {}
+    for opacity in common.OPACITIES:
+        seen = []
+        for seed in range(60):
+            out, mask = common.pseudo_anomaly(img, torch.Generator().manual_seed(seed), size_mode="relative",
+                                              opacity=opacity)
+            d = (out - img).abs().amax(0)[mask[0] > 0]
+            assert (d > thr).all()
+            seen.append(d)
+        change[opacity] = torch.cat(seen).mean().item()
+    assert change["draem"] < 0.8 * change["strong"], change
+
+
 def test_every_stage_draws_its_own_pseudo_anomalies():
     """Stage 3 must not train on exactly the corruptions stage 1 was fitted to remove (same seed, same step)."""
     import stage1_rcae

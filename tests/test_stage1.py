@@ -65,6 +65,24 @@ def test_make_batch_draws_the_depth_per_batch_and_keeps_the_clean_target():
     assert all(not torch.equal(b["input"][i], x[i]) for i in range(4))  # ... of an input with pseudo anomalies
 
 
+def test_depth_sampling_all_trains_every_depth_on_every_batch(toy_data, tmp_path, monkeypatch):
+    """--depth_sampling all: the step's loss is the mean of Eq. (5) over depths 1..N of the same batch, so
+    every depth gets a gradient every step; main() uses it, and a ConvAE refuses it."""
+    model = RcAE(Config(width=8, depth=3))
+    x = torch.rand(2, 3, 32, 32)
+    b = {"input": x + 0.05 * torch.rand_like(x), "target": x, "n": torch.tensor([3])}
+    loss, parts = stage1_rcae.loss_fn_all_depths(model, b)
+    each = [stage1_rcae.loss_fn(model, {**b, "n": torch.tensor([n])}) for n in (1, 2, 3)]
+    assert torch.allclose(loss, sum(t for t, _ in each) / 3, atol=1e-6)
+    assert torch.allclose(parts["l1"], sum(p["l1"] for _, p in each) / 3, atol=1e-6)
+    seen, real = [], stage1_rcae.loss_fn_all_depths
+    monkeypatch.setattr(stage1_rcae, "loss_fn_all_depths", lambda net, b: seen.append(1) or real(net, b))
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2, depth_sampling="all"))
+    assert len(seen) == 2
+    with pytest.raises(common.UserError, match="--depth_sampling all needs --arch rcae"):
+        stage1_rcae.get_args(quick_args(toy_data, tmp_path, arch="convae", depth_sampling="all"))
+
+
 def test_loss_eq5():
     x = torch.rand(2, 3, 16, 16)
     loss, parts = recon_loss(x, x)

@@ -457,6 +457,24 @@ def test_convae_checkpoint_runs_through_stages_2_3_and_evaluate(toy_data, tmp_pa
     assert set(metrics["variants"]) == {"rcae", "rcae+dpn", "crd"}
 
 
+def test_opacity_flag_reaches_the_pseudo_anomalies_of_stages_1_and_3(toy_data, tmp_path, monkeypatch):
+    """--opacity draem is what stage 1's batches, stage 3's batches and stage 3's validation set are drawn with."""
+    seen, real = [], common.pseudo_anomaly
+
+    def record(*a, **k):
+        seen.append(k.get("opacity", "strong"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(common, "pseudo_anomaly", record)
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1, opacity="draem", anomaly_prob=1.0))
+    assert seen and set(seen) == {"draem"}
+    stage2_dpn.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None))
+    seen.clear()
+    stage3_crd.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None, width=4,
+                               opacity="draem", anomaly_prob=1.0))
+    assert len(seen) > 2 and set(seen) == {"draem"}  # the training batch and the validation images
+
+
 def test_init_prior_starts_the_map_at_the_prior(toy_data, tmp_path, monkeypatch):
     """--init_prior p sets CRD's head bias to logit(p) before training: M_A starts near p, not 0.5."""
     seen = {}
