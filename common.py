@@ -448,8 +448,9 @@ def _crack(h, w, y, x, scale, gen):
 ANOMALY_SIZES = ("scaled", "pixels", "relative")
 # --opacity: how strongly a pseudo anomaly is blended over the image, alpha * anomaly + (1 - alpha) * image.
 # "strong" (our first reading; the paper gives no opacity): colour blocks at alpha ~ U[0.5, 1], pastes and
-# cracks opaque. "draem": every kind at alpha ~ U[0.1, 1], DRAEM's beta ("DRAEM - A discriminatively trained
-# reconstruction embedding", Sec. 3.3), so faint anomalies are drawn too, as real defects often are.
+# cracks opaque. "draem": every kind at alpha ~ U[0.1, 1], the opacity beta of DRAEM's simulated anomalies
+# ("DRAEM - A discriminatively trained reconstruction embedding for surface anomaly detection", ICCV 2021),
+# so faint anomalies are drawn too, as real defects often are.
 OPACITIES = ("strong", "draem")
 MIN_VISIBLE = 0.5  # a masked pixel changed by more than this fraction of the image's intensity std
 

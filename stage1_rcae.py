@@ -8,9 +8,8 @@ every recursion step. E is followed by a 2x2 stride-2 conv, D ends with a 2x2 st
 
 A depth-n recursion gives a full-resolution reconstruction I_R^n; `reconstruct_all` returns all depths
 n = 1..N sharing the compression path. Training samples n from [1, N] per batch (--depth_sampling all:
-every depth on every batch, averaged), feeds the image with
-pseudo anomalies part of the time, and asks for the clean image with Eq. (5): L1 on intensity + L1 on
-the first-order gradient.
+every depth on every batch, averaged), feeds the image with pseudo anomalies part of the time, and asks
+for the clean image with Eq. (5): L1 on intensity + L1 on the first-order gradient.
 
 The paper's ablations (Tables 2, 4, 5) are the same network with three switches, each a flag, a Config
 field and a checkpoint key:
