@@ -255,7 +255,8 @@ def validation_set(images, args, seed=0):
     """The holdout normal images (uint8 (M, C, H, W)) with pseudo anomalies on every image, drawn from a
     stream no training stage uses, with a fixed seed: the same set for every run with these settings."""
     gen = torch.Generator().manual_seed(common.stream_seed(VAL_STREAM, seed, 0))
-    return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size, args.opacity)  # (M, C, H, W) x2
+    # images (M, C, H, W), masks (M, 1, H, W)
+    return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size, args.opacity)
 
 
 @torch.no_grad()
