@@ -577,6 +577,26 @@ BEFORE_FLAG = {"resize": "squash", "train_fraction": 1.0}  # what a checkpoint w
 LR_SCHEDULES = {"constant": None, "cosine": lambda step, total: 0.5 * (1 + math.cos(math.pi * (step - 1) / total))}
 
 
+class EMA:
+    """--ema DECAY: an exponential moving average of the trained weights (Polyak averaging), the weights a
+    finished run saves. The paper gives none. A constant large lr leaves the last step's weights wherever Adam's
+    noise put them; the average over about the last 1/(1 - DECAY) steps is not moved by that noise, and training
+    itself is unchanged (the raw weights take the same steps with or without it). decay_t = min(DECAY, (1 + t) /
+    (10 + t)) after t steps, so the first steps are not averaged with the initialisation."""
+
+    def __init__(self, model, decay, state=None):
+        import copy
+        self.decay, self.model = decay, copy.deepcopy(model)  # (eval copy; never receives gradients)
+        if state is not None:
+            self.model.load_state_dict(state)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, m in zip(self.model.state_dict().values(), model.state_dict().values()):
+            e.lerp_(m, 1 - d) if e.is_floating_point() else e.copy_(m)  # buffers that never change stay as they are
+
+
 # Named recipes: the defaults of each stage's flags that a recipe changes (explicit flags still win).
 # "paper" is the paper's settings (1024 px, lr 1e-4, 1500/400/300 epochs: days on a CPU). "cpu" is the
 # recipe measured on this project's 2-core CPU (README, "Results"): 128 px, lr 1e-3, the step budget of the
@@ -657,6 +677,9 @@ def add_shared_args(p, recursion=True, upstream=False, paper="paper", **defaults
     if recursion:  # FAIR keeps its own schedule (baselines/fair.py)
         g.add_argument("--lr_schedule", choices=sorted(LR_SCHEDULES), default="constant",
                        help="constant (the paper gives no schedule) or cosine (decays to 0 over the run's steps)")
+        g.add_argument("--ema", type=float, default=0.0,
+                       help="0: save the last step's weights (paper); DECAY in (0, 1): save an exponential moving "
+                            "average of the weights over about the last 1/(1-DECAY) steps (common.EMA)")
     g = p.add_argument_group("runtime / io")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--seed", type=int, default=0, help="seed of weights, batches and augmentation")
@@ -715,7 +738,7 @@ def finish_args(args):
         args.out = default_out(args.data)
     check_flags(args, depth=">=1", epochs=">=1", batch_size=">=1", max_steps=">=0", max_minutes=">=0",
                 holdout="[0,1)", workers=">=0", lr=">0", seed="seed", amp="0/1", compile="0/1", save_every=">=1",
-                save_every_min=">=0", log_every=">=1", val_every=">=0")
+                save_every_min=">=0", log_every=">=1", val_every=">=0", ema="[0,1)")
     if args.image_size is not None:
         check_size(args.image_size, getattr(args, "depth", None) or 0)
     if getattr(args, "train_fraction", None) is not None and not 0 < args.train_fraction <= 1:
@@ -986,7 +1009,9 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     lr_at(step, total) -> multiplier of args.lr for optimiser step `step` (1-based); default: that of
     --lr_schedule (constant, as in RcAE, unless it says otherwise). validate(model) -> dict of numbers, on
     data kept out of training (never the test split), runs every --val_every steps and at the end: logged
-    as {"step", "val"} and kept in the checkpoint under "val".
+    as {"step", "val"} and kept in the checkpoint under "val". With --ema the average of the weights is what
+    is validated and what a finished run saves as "model"; an unfinished one keeps the raw weights as "model"
+    and the average as "ema" (resuming continues both).
     Resumes from ckpt_path when it holds an unfinished run with the same model_config. Stops on a
     non-finite loss, keeping the last good checkpoint. Returns the final checkpoint dict."""
     device = get_device(args.device)
@@ -1013,12 +1038,19 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
             print(f"{stage}: continuing a finished run with a fresh optimiser state")
         start = ck["step"]
         print(f"{stage}: resuming from step {start} of {total} ({ckpt_path})")
+    decay = getattr(args, "ema", 0.0)
+    ema = EMA(model, decay, ck.get("ema") if start else None) if decay else None
+    final = ema.model if ema else model  # the weights validated and saved by a finished run
     extra = dict(extra or {})
     net = torch.compile(model) if args.compile else model
 
     def save(step):  # a finished run drops the optimiser state (it can triple the file); resuming keeps it
-        state = dict(optimizer=opt.state_dict()) if step < total else {}
-        save_checkpoint(ckpt_path, stage, model, cfg, args, step, total_steps=total, **state, **extra)
+        if step < total:
+            state = dict(optimizer=opt.state_dict(), **(dict(ema=ema.model.state_dict()) if ema else {}))
+        else:
+            state = dict(ema_decay=decay) if ema else {}
+        save_checkpoint(ckpt_path, stage, model if step < total else final, cfg, args, step, total_steps=total,
+                        **state, **extra)
 
     from tqdm import tqdm
     loader = torch.utils.data.DataLoader(
@@ -1061,6 +1093,8 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if ema:
+                    ema.update(model, step)
                 done = step
                 bar.update(args.batch_size)
                 time_up = args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
@@ -1080,7 +1114,7 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
                     print(f"\n{stage}: --max_minutes {args.max_minutes} reached at step {step} of {total}")
                     break
                 if validate is not None and args.val_every and step % args.val_every == 0 and step < total:
-                    _validate(validate, model, step, log, extra)
+                    _validate(validate, final, step, log, extra)
     except (KeyboardInterrupt, RuntimeError) as e:
         if not isinstance(e, KeyboardInterrupt) and not stop:  # a real error, not a loader worker killed by Ctrl-C
             raise
@@ -1104,7 +1138,7 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     bar.close()
     if validate is not None:
         with open(log_path, "a") as log:
-            _validate(validate, model, done, log, extra)
+            _validate(validate, final, done, log, extra)
     save(done)
     print(f"{stage}: {done} steps in {time.time() - t0:.0f}s -> {ckpt_path}")
     release_memory()  # the next work in this process (another stage, evaluation) has other shapes

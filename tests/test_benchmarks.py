@@ -1,10 +1,11 @@
 """The benchmark scripts run end to end (tiny sizes; their numbers are not checked here, only produced)."""
 import json
 
+import pytest
 import torch
 
 import common
-from benchmarks import ablations, compare, optimisations, speed
+from benchmarks import ablations, compare, depth_probe, optimisations, speed
 
 
 def test_speed_report(tmp_path):
@@ -80,6 +81,26 @@ def test_ablations_smoke(toy_data, tmp_path):
     assert "| focal loss | toy |" in md
     again = ablations.main(["--study", "crd", "--data", toy_data, "--out", out, "--rows", "0,1", "--report", "1"])
     assert again is None and (tmp_path / "ablation_crd.md").read_text() == md  # nothing retrained, same table
+
+
+def test_depth_probe_trains_only_on_its_depth_and_reports_every_depth(toy_data, tmp_path, monkeypatch):
+    """Step 0 measures the checkpoint as stage 1's own report did; then only the probed depth is trained."""
+    import stage1_rcae
+    from conftest import quick_args
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, lr=1e-3, holdout=0.25))
+    ck = torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)
+    seen, loss_fn = [], stage1_rcae.loss_fn
+    monkeypatch.setattr(stage1_rcae, "loss_fn", lambda net, b: seen.append(int(b["n"])) or loss_fn(net, b))
+    depth_probe.main(["--rcae", str(tmp_path / "stage1_rcae.pt"), "--depth", "2", "--steps", "3", "--every", "2"])
+    assert seen == [2, 2, 2]
+    rep = json.loads((tmp_path / "depth_probe_d2.json").read_text())
+    assert [r["step"] for r in rep["rows"]] == [0, 2, 3]
+    assert rep["rows"][0]["l1_1"] == pytest.approx(ck["val"]["l1_1"], abs=1e-5)
+    assert rep["rows"][-1]["l1_2"] != rep["rows"][0]["l1_2"]  # it trained
+    assert torch.equal(torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["model"]["E.enc1.weight"],
+                       ck["model"]["E.enc1.weight"])  # the checkpoint is left as it is
+    with pytest.raises(common.UserError, match="--depth must be in 1..3"):
+        depth_probe.main(["--rcae", str(tmp_path / "stage1_rcae.pt"), "--depth", "4"])
 
 
 def test_flops_scale_with_batch_and_area():

@@ -559,3 +559,50 @@ def test_lr_schedule_flag_sets_the_lr_of_every_step(tmp_path, monkeypatch):
     assert run("constant") == pytest.approx([0.1] * 4)
     for stage in ("stage1_rcae", "stage2_dpn", "stage3_crd"):  # every recursion stage takes the flag
         assert importlib.import_module(stage).get_args(["--data", "x", "--lr_schedule", "cosine"]).lr_schedule == "cosine"
+
+
+def test_ema_saves_the_average_of_the_weights_and_leaves_training_alone(tmp_path):
+    """--ema DECAY: the raw weights take the same steps as without it; a finished run saves their moving
+    average (decay_t = min(DECAY, (1 + t) / (10 + t))), and an interrupted run resumes both."""
+    images = torch.randint(0, 255, (8, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def run(name, ema, max_minutes=None):
+        torch.manual_seed(0)
+        model, seen = torch.nn.Conv2d(3, 3, 1), []
+
+        def loss_fn(net, b):
+            seen.append(net.weight.detach().clone())  # the weights each step starts from
+            return (net(b["x"]) - 0.5).pow(2).mean(), {}
+
+        args = Namespace(device="cpu", lr=0.1, epochs=2, batch_size=2, max_steps=6, overwrite=False, compile=0,
+                         seed=0, workers=0, amp=0, log_every=1, save_every=100, save_every_min=0,
+                         max_minutes=max_minutes, ema=ema, val_every=0)
+        ck = common.train(stage="t", model=model, model_config={}, args=args, images=images,
+                          make_batch=lambda x, gen: {"x": x}, loss_fn=loss_fn, ckpt_path=tmp_path / f"{name}.pt",
+                          validate=lambda m: {"w": float(m.weight.sum())})
+        return ck, seen + [model.weight.detach().clone()]
+
+    plain_ck, plain_w = run("plain", 0.0)
+    ema_ck, ema_w = run("ema", 0.9)
+    assert all(torch.equal(a, b) for a, b in zip(plain_w, ema_w)) and len(ema_w) == 7  # training unchanged
+    assert torch.equal(plain_ck["model"]["weight"], plain_w[-1]) and "ema_decay" not in plain_ck
+    avg = plain_w[0].clone()
+    for t, w in enumerate(plain_w[1:], start=1):
+        avg.lerp_(w, 1 - min(0.9, (1 + t) / (10 + t)))
+    assert torch.allclose(ema_ck["model"]["weight"], avg, atol=1e-7) and ema_ck["ema_decay"] == 0.9
+    assert ema_ck["val"]["w"] == pytest.approx(float(avg.sum()), abs=1e-5)  # the average is what is validated
+    assert not torch.allclose(avg, plain_w[-1], atol=1e-3)  # the average is not the last step's weights
+
+    part, _ = run("resumed", 0.9, max_minutes=0)  # stops (and saves) after step 1: raw weights + the average
+    assert part["step"] == 1 and "ema" in part and "optimizer" in part
+    resumed, _ = run("resumed", 0.9)
+    assert resumed["step"] == 6 and torch.allclose(resumed["model"]["weight"], ema_ck["model"]["weight"], atol=1e-7)
+
+
+def test_ema_flag_reaches_every_recursion_stage_and_is_checked():
+    for stage in ("stage1_rcae", "stage2_dpn", "stage3_crd"):
+        mod = importlib.import_module(stage)
+        assert mod.get_args(["--data", "x"]).ema == 0.0  # off: the paper saves the last step's weights
+        assert mod.get_args(["--data", "x", "--ema", "0.99"]).ema == 0.99
+        with pytest.raises(UserError, match=r"--ema must be in \[0, 1\)"):
+            mod.get_args(["--data", "x", "--ema", "1"])
