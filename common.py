@@ -1010,8 +1010,8 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     --lr_schedule (constant, as in RcAE, unless it says otherwise). validate(model) -> dict of numbers, on
     data kept out of training (never the test split), runs every --val_every steps and at the end: logged
     as {"step", "val"} and kept in the checkpoint under "val". With --ema the average of the weights is what
-    is validated and what a finished run saves as "model"; an unfinished one keeps the raw weights as "model"
-    and the average as "ema" (resuming continues both).
+    is validated and what a finished run saves as "model" and leaves in `model`; an unfinished one keeps the
+    raw weights as "model" and the average as "ema" (resuming continues both).
     Resumes from ckpt_path when it holds an unfinished run with the same model_config. Stops on a
     non-finite loss, keeping the last good checkpoint. Returns the final checkpoint dict."""
     device = get_device(args.device)
@@ -1136,6 +1136,8 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
         for s, h in handlers.items():
             signal.signal(s, h)
     bar.close()
+    if ema and done >= total:  # the caller's model holds what a finished run saves (stage 3 calibrates on it)
+        model.load_state_dict(ema.model.state_dict())
     if validate is not None:
         with open(log_path, "a") as log:
             _validate(validate, final, done, log, extra)

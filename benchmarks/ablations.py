@@ -99,6 +99,8 @@ STUDIES = {
         ("row 9 with the head started at 0.5", {"stage3_crd": row9_with(init_prior=None)}),
         # pseudo anomalies closer to real defects: faint ones too (DRAEM's opacity), on row 9
         ("row 9 + DRAEM's opacity", {"stage3_crd": row9_with(opacity="draem")}),
+        # the saved CRD is a moving average of its weights, not the last step's (as stage-1 row 7)
+        ("row 9 + weight average (EMA 0.99)", {"stage3_crd": row9_with(ema="0.99")}),
     ]),
 }
 

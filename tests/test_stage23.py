@@ -317,6 +317,24 @@ def other_rcae(toy_data, tmp_path_factory):
     return out / "stage1_rcae.pt"
 
 
+def test_crd_with_ema_saves_and_calibrates_the_average(chain, tmp_path):
+    """--ema in stage 3: the checkpoint (rewritten with the calibration) holds the averaged weights, not the
+    last step's, and its threshold was calibrated on them."""
+    cks = {}
+    for ema in ("0", "0.5"):
+        out = tmp_path / ema
+        stage3_crd.main(quick_args(chain.data, out, image_size=None, depth=None, width=4, max_steps=3, ema=ema,
+                                   rcae=chain.out / "stage1_rcae.pt", dpn=chain.out / "stage2_dpn.pt"))
+        cks[ema] = torch.load(out / "stage3_crd.pt", weights_only=True)
+    plain, avg = cks["0"], cks["0.5"]
+    assert plain["model"].keys() == avg["model"].keys() and avg["ema_decay"] == 0.5
+    assert any(not torch.equal(plain["model"][k], avg["model"][k]) for k in plain["model"])
+    det = stage3_crd.load_detector(tmp_path / "0.5", rcae=chain.out / "stage1_rcae.pt", dpn=chain.out / "stage2_dpn.pt")
+    holdout = common.train_images(SimpleNamespace(**avg["args"]), part="holdout")
+    again = stage3_crd.calibrate(det, holdout, SimpleNamespace(**avg["args"]))  # on the saved (averaged) weights
+    assert again["image_threshold"] == pytest.approx(avg["calibration"]["image_threshold"], abs=1e-6)
+
+
 def test_chain_upstream_frozen_and_bitwise_unchanged(chain):
     assert_untouched(chain.rcae_in_stage2, chain.out / "stage1_rcae.pt")
     assert_untouched(chain.rcae_in_stage3, chain.out / "stage1_rcae.pt")
