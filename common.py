@@ -16,6 +16,7 @@ Make a synthetic category (nothing to download):
     python common.py synth --out data/toy --size 128
 """
 import argparse
+import copy
 import csv
 import ctypes
 import hashlib
@@ -585,7 +586,6 @@ class EMA:
     (10 + t)) after t steps, so the first steps are not averaged with the initialisation."""
 
     def __init__(self, model, decay, state=None):
-        import copy
         self.decay, self.model = decay, copy.deepcopy(model)  # (eval copy; never receives gradients)
         if state is not None:
             self.model.load_state_dict(state)
