@@ -1045,10 +1045,9 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     net = torch.compile(model) if args.compile else model
 
     def save(step):  # a finished run drops the optimiser state (it can triple the file); resuming keeps it
-        if step < total:
-            state = dict(optimizer=opt.state_dict(), **(dict(ema=ema.model.state_dict()) if ema else {}))
-        else:
-            state = dict(ema_decay=decay) if ema else {}
+        state = dict(optimizer=opt.state_dict()) if step < total else {}
+        if step < total and ema:  # resuming continues the average too
+            state["ema"] = ema.model.state_dict()
         save_checkpoint(ckpt_path, stage, model if step < total else final, cfg, args, step, total_steps=total,
                         **state, **extra)
 

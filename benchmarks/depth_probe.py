@@ -66,9 +66,9 @@ def main(argv=None):
     report(0)
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(images), (train.batch_size,), generator=gen)
-        b = stage1_rcae.make_batch(common.to_float(images[idx]), gen, train.anomaly_prob, model.cfg.depth,
-                                   train.anomaly_size, opacity=getattr(train, "opacity", "strong"))
-        b["n"] = torch.tensor([args.depth])  # the one depth, instead of the drawn one
+        b = stage1_rcae.make_batch(common.to_float(images[idx]), gen, train.anomaly_prob, args.depth,
+                                   train.anomaly_size, random_depth=False,  # always depth n, none drawn
+                                   opacity=getattr(train, "opacity", "strong"))
         model.train()
         loss, _ = stage1_rcae.loss_fn(model, b)
         opt.zero_grad(set_to_none=True)

@@ -585,11 +585,11 @@ def test_ema_saves_the_average_of_the_weights_and_leaves_training_alone(tmp_path
     plain_ck, plain_w = run("plain", 0.0)  # the weights each step starts from, then the last step's
     ema_ck, ema_w = run("ema", 0.9)  # the same, then what the model holds after training: the average
     assert all(torch.equal(a, b) for a, b in zip(plain_w[:-1], ema_w[:-1])) and len(ema_w) == 7  # training unchanged
-    assert torch.equal(plain_ck["model"]["weight"], plain_w[-1]) and "ema_decay" not in plain_ck
+    assert torch.equal(plain_ck["model"]["weight"], plain_w[-1]) and plain_ck["args"]["ema"] == 0.0
     avg = plain_w[0].clone()
     for t, w in enumerate(plain_w[1:], start=1):
         avg.lerp_(w, 1 - min(0.9, (1 + t) / (10 + t)))
-    assert torch.allclose(ema_ck["model"]["weight"], avg, atol=1e-7) and ema_ck["ema_decay"] == 0.9
+    assert torch.allclose(ema_ck["model"]["weight"], avg, atol=1e-7) and ema_ck["args"]["ema"] == 0.9
     assert torch.equal(ema_w[-1], ema_ck["model"]["weight"])  # the caller's model holds what was saved
     assert ema_ck["val"]["w"] == pytest.approx(float(avg.sum()), abs=1e-5)  # the average is what is validated
     assert not torch.allclose(avg, plain_w[-1], atol=1e-3)  # the average is not the last step's weights

@@ -327,7 +327,7 @@ def test_crd_with_ema_saves_and_calibrates_the_average(chain, tmp_path):
                                    rcae=chain.out / "stage1_rcae.pt", dpn=chain.out / "stage2_dpn.pt"))
         cks[ema] = torch.load(out / "stage3_crd.pt", weights_only=True)
     plain, avg = cks["0"], cks["0.5"]
-    assert plain["model"].keys() == avg["model"].keys() and avg["ema_decay"] == 0.5
+    assert plain["model"].keys() == avg["model"].keys() and avg["args"]["ema"] == 0.5
     assert any(not torch.equal(plain["model"][k], avg["model"][k]) for k in plain["model"])
     det = stage3_crd.load_detector(tmp_path / "0.5", rcae=chain.out / "stage1_rcae.pt", dpn=chain.out / "stage2_dpn.pt")
     holdout = common.train_images(SimpleNamespace(**avg["args"]), part="holdout")
