@@ -7,9 +7,10 @@ every recursion step. E is followed by a 2x2 stride-2 conv, D ends with a 2x2 st
     reconstruction  I_R^j = up(D(I_R^{j-1})),    j = 1..n,  I_R^0 = I_C^n        Eq. (4)
 
 A depth-n recursion gives a full-resolution reconstruction I_R^n; `reconstruct_all` returns all depths
-n = 1..N sharing the compression path. Training samples n from [1, N] per batch (--depth_sampling all:
-every depth on every batch, averaged), feeds the image with pseudo anomalies part of the time, and asks
-for the clean image with Eq. (5): L1 on intensity + L1 on the first-order gradient.
+n = 1..N sharing the compression path. Training samples n from [1, N] per batch (--depth_sampling inverse:
+with p(n) proportional to 1/n; all: every depth on every batch, averaged), feeds the image with pseudo
+anomalies part of the time, and asks for the clean image with Eq. (5): L1 on intensity + L1 on the
+first-order gradient.
 
 The paper's ablations (Tables 2, 4, 5) are the same network with three switches, each a flag, a Config
 field and a checkpoint key:
@@ -59,8 +60,10 @@ def get_args(argv=None):
     g.add_argument("--arch", choices=["rcae", "convae"], default="rcae",
                    help="rcae: the recursion, depth n drawn from [1, N] per batch (Eq. (3)-(4)); convae: one pass "
                         "through all N levels, depth N only (the paper's ConvAE of Tables 2, 4, 5 with --share 0)")
-    g.add_argument("--depth_sampling", choices=["random", "all"], default="random",
-                   help="rcae training: random (one depth n drawn from [1, N] per batch, as in the paper) or all "
+    g.add_argument("--depth_sampling", choices=["random", "inverse", "all"], default="random",
+                   help="rcae training: random (one depth n drawn uniformly from [1, N] per batch, as in the paper), "
+                        "inverse (one depth per batch, drawn with p(n) proportional to 1/n: the shallow depths, which "
+                        "have the most detail to learn, get more of the batches at the same cost per step) or all "
                         "(every depth's Eq. (5) on every batch, averaged, sharing the compression path: each depth "
                         "gets a gradient every step instead of on 1/N of them, for about twice the time per step)")
     g.add_argument("--share", type=int, default=1,
@@ -72,8 +75,8 @@ def get_args(argv=None):
     common.add_anomaly_args(g, "chance that a training image gets pseudo anomalies (paper: 'denoising', rate not given)")
     args = common.parse_args(p, argv, STAGE)
     common.check_flags(args, width=">=1", input_norm="0/1", share="0/1", skip="0/1", anomaly_prob="[0,1]")
-    if args.arch == "convae" and args.depth_sampling == "all":
-        raise UserError("--depth_sampling all needs --arch rcae (a ConvAE has its depth-N output only)")
+    if args.arch == "convae" and args.depth_sampling != "random":
+        raise UserError(f"--depth_sampling {args.depth_sampling} needs --arch rcae (a ConvAE has its depth-N output only)")
     return args
 
 
@@ -214,11 +217,17 @@ def recon_loss(recon, target):
 # ----------------------------------------------------------------------------- train
 
 
-def make_batch(x, gen, anomaly_prob, depth, anomaly_size="scaled", random_depth=True, opacity="strong"):
+def make_batch(x, gen, anomaly_prob, depth, anomaly_size="scaled", random_depth=True, opacity="strong",
+               sampling="random"):
     """x (B, C, H, W) clean -> the step's batch; runs in the loader workers (module level: picklable)."""
     noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity)  # denoising on pseudo anomalies
-    # recursion depth sampled per batch from [1, N]; a ConvAE (random_depth=False) always runs all N levels
-    n = torch.randint(1, depth + 1, (1,), generator=gen) if random_depth else torch.tensor([depth])
+    if not random_depth:  # a ConvAE always runs all N levels
+        n = torch.tensor([depth])
+    elif sampling == "inverse":  # --depth_sampling inverse: p(n) proportional to 1/n
+        p = 1 / torch.arange(1, depth + 1, dtype=torch.float)
+        n = torch.multinomial(p / p.sum(), 1, generator=gen) + 1
+    else:  # the paper: recursion depth sampled per batch, uniformly from [1, N]
+        n = torch.randint(1, depth + 1, (1,), generator=gen)
     return {"input": noisy, "target": x, "n": n}
 
 
@@ -249,7 +258,8 @@ def main(argv=None):
     common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
                  make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, depth=cfg.depth,
                                     anomaly_size=args.anomaly_size, opacity=args.opacity,
-                                    random_depth=cfg.arch == "rcae" and args.depth_sampling == "random"),
+                                    random_depth=cfg.arch == "rcae" and args.depth_sampling != "all",
+                                    sampling=args.depth_sampling),
                  loss_fn=loss_fn_all_depths if args.depth_sampling == "all" else loss_fn,
                  ckpt_path=f"{args.out}/{STAGE}.pt",
                  validate=partial(recon_report, images=holdout, batch_size=args.batch_size) if len(holdout) else None)

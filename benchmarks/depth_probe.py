@@ -7,6 +7,12 @@ reconstruction measure on the holdout normal images (stage1_rcae.recon_report) e
 n improves while the other depths get worse, depth n is held back by the sharing, not by what the network
 can represent at that depth. Nothing is written but the report; the checkpoint is left as it is.
 
+Before fine-tuning it asks what depth n's code I_C^n holds (`code_fit`): an affine decoder is fitted by least
+squares from the trained code (each code pixel alone, and with its 3x3 neighbours) to the 2^n x 2^n image
+block above it, on the training images, and scored on the holdout; beside it, the best any code of the same
+shape (C numbers per block) could do with an affine decoder, the top-C principal components of the blocks.
+A code far from that bound has lost detail in the compression (E), whatever D does with it.
+
     python -m benchmarks.depth_probe --rcae runs/ablations/tables/128px_steps1758-263-258_seed0/ball_screw/paper/stage1_rcae.pt
 
 Writes <out> (default: depth_probe_d<n>.json beside the checkpoint) and prints a table.
@@ -18,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 import common
 import stage1_rcae
@@ -28,14 +35,52 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     p.add_argument("--rcae", required=True, help="a trained stage-1 checkpoint (stage1_rcae.pt)")
     p.add_argument("--depth", type=int, default=1, help="the one depth n to fine-tune on")
-    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (0: only the code fit and the report)")
     p.add_argument("--every", type=int, default=100, help="report every this many steps (and at 0)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=123, help="seed of the probe's batches (not one training used)")
     p.add_argument("--out", default=None, help="report JSON (default: depth_probe_d<n>.json beside --rcae)")
     args = p.parse_args(argv)
-    common.check_flags(args, steps=">=1", every=">=1", lr=">0", seed="seed")
+    common.check_flags(args, steps=">=0", every=">=1", lr=">0", seed="seed")
     return args
+
+
+@torch.no_grad()
+def code_fit(model, images, holdout, n, max_images=300):
+    """What depth n's code holds. uint8 images (M, C, H, W) -> {name: L1 on the holdout / L1 of the 2^n blur}:
+    affine decoders fitted (least squares, on <= max_images training images) from the code I_C^n (1x1: a
+    code pixel; 3x3: with its neighbours) to the 2^n x 2^n block above it, and "pca_bound": the blocks'
+    mean plus their top-C principal components, the best affine code of C numbers per block."""
+    s, c = 2 ** n, model.cfg.channels
+
+    def blocks(x):  # (M, C, H, W) -> (M * H/s * W/s, C * s * s)
+        return F.unfold(x, s, stride=s).transpose(1, 2).reshape(-1, c * s * s)
+
+    def image(b, like):  # the inverse of blocks
+        return F.fold(b.reshape(len(like), -1, c * s * s).transpose(1, 2), like.shape[-2:], s, stride=s)
+
+    def codes(x):
+        return torch.cat([model.compress(x[i:i + 32], n)[-1] for i in range(0, len(x), 32)]).float()
+
+    tr, ho = common.to_float(images[:max_images]), common.to_float(holdout)
+    blur = F.interpolate(F.avg_pool2d(ho, s), size=ho.shape[-2:], mode="bilinear", align_corners=False)
+    ref = (blur - ho).abs().mean()
+
+    def score(pred_blocks):
+        return float((image(pred_blocks, ho).clamp(0, 1) - ho).abs().mean() / ref)
+
+    out, ctr, cho = {}, codes(tr), codes(ho)
+    for k in (1, 3):
+        def feats(code):  # (M, C, h, w) -> (M * h * w, C * k * k + 1), a code pixel with its k x k neighbours
+            f = F.unfold(code, k, padding=k // 2).transpose(1, 2).reshape(-1, c * k * k)
+            return torch.cat([f, torch.ones(len(f), 1)], 1).double()
+        w = torch.linalg.lstsq(feats(ctr), blocks(tr).double()).solution
+        out[f"linear_{k}x{k}"] = score((feats(cho) @ w).float())
+    btr = blocks(tr)
+    mean = btr.mean(0)
+    v = torch.linalg.svd(btr - mean, full_matrices=False).Vh[:c]  # (C, C s s): the top-C components
+    out["pca_bound"] = score((blocks(ho) - mean) @ v.T @ v + mean)
+    return out
 
 
 def main(argv=None):
@@ -63,6 +108,9 @@ def main(argv=None):
         print(f"step {step:5d} ({time.time() - t0:4.0f}s)  L1/mean d1..d{model.cfg.depth}: {cells}  "
               f"L1/blur d{args.depth}: {rep[f'ratio_blur_{args.depth}']:.3f}", flush=True)
 
+    fit = code_fit(model, images, holdout, args.depth)
+    print(f"depth {args.depth}'s code, L1 / blur on the holdout, affine decoders: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in fit.items()) + f" (the trained D: step 0's L1/blur d{args.depth})")
     report(0)
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(images), (train.batch_size,), generator=gen)
@@ -78,7 +126,7 @@ def main(argv=None):
             report(step)
     out = Path(args.out or Path(args.rcae).with_name(f"depth_probe_d{args.depth}.json"))
     out.write_text(json.dumps({"rcae": str(args.rcae), "depth": args.depth, "steps": args.steps,
-                               "lr": args.lr or train.lr, "seed": args.seed, "rows": rows}, indent=1))
+                               "lr": args.lr or train.lr, "seed": args.seed, "code_fit": fit, "rows": rows}, indent=1))
     print(f"-> {out}")
 
 

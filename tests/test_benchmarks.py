@@ -94,13 +94,40 @@ def test_depth_probe_trains_only_on_its_depth_and_reports_every_depth(toy_data, 
     depth_probe.main(["--rcae", str(tmp_path / "stage1_rcae.pt"), "--depth", "2", "--steps", "3", "--every", "2"])
     assert seen == [2, 2, 2]
     rep = json.loads((tmp_path / "depth_probe_d2.json").read_text())
-    assert [r["step"] for r in rep["rows"]] == [0, 2, 3]
+    assert [r["step"] for r in rep["rows"]] == [0, 2, 3] and set(rep["code_fit"]) == {"linear_1x1", "linear_3x3",
+                                                                                      "pca_bound"}
     assert rep["rows"][0]["l1_1"] == pytest.approx(ck["val"]["l1_1"], abs=1e-5)
     assert rep["rows"][-1]["l1_2"] != rep["rows"][0]["l1_2"]  # it trained
     assert torch.equal(torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["model"]["E.enc1.weight"],
                        ck["model"]["E.enc1.weight"])  # the checkpoint is left as it is
     with pytest.raises(common.UserError, match="--depth must be in 1..3"):
         depth_probe.main(["--rcae", str(tmp_path / "stage1_rcae.pt"), "--depth", "4"])
+
+
+def test_code_fit_scores_what_the_code_holds():
+    """A code of the blocks' top-C principal components reaches the PCA bound with a 1x1 affine decoder; a code
+    that holds nothing is decoded as the mean block, far from it."""
+    from types import SimpleNamespace
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.rand(48, 3, 4, 4, generator=g), size=16, mode="bilinear")
+    images = ((smooth + 0.1 * torch.rand(48, 3, 16, 16, generator=g)).clamp(0, 1) * 255).to(torch.uint8)
+    train, holdout = images[:40], images[40:]
+    blocks = F.unfold(common.to_float(train), 2, stride=2).transpose(1, 2).reshape(-1, 12)
+    mean = blocks.mean(0)
+    v = torch.linalg.svd(blocks - mean, full_matrices=False).Vh[:3]
+
+    def pca_code(x, n):  # (M, 3, 16, 16) -> [(M, 3, 8, 8)]: each block's top-3 coefficients
+        b = F.unfold(x, 2, stride=2).transpose(1, 2) - mean  # (M, 64, 12)
+        return [(b @ v.T).transpose(1, 2).reshape(len(x), 3, 8, 8)]
+
+    model = SimpleNamespace(cfg=SimpleNamespace(channels=3), compress=pca_code)
+    fit = depth_probe.code_fit(model, train, holdout, 1)
+    assert fit["linear_1x1"] == pytest.approx(fit["pca_bound"], rel=1e-3)
+    assert fit["linear_3x3"] <= fit["linear_1x1"] + 1e-3
+    model.compress = lambda x, n: [torch.zeros(len(x), 3, 8, 8)]
+    empty = depth_probe.code_fit(model, train, holdout, 1)
+    assert empty["linear_1x1"] > 2 * fit["pca_bound"] and empty["pca_bound"] == fit["pca_bound"]
 
 
 def test_flops_scale_with_batch_and_area():

@@ -65,6 +65,22 @@ def test_make_batch_draws_the_depth_per_batch_and_keeps_the_clean_target():
     assert all(not torch.equal(b["input"][i], x[i]) for i in range(4))  # ... of an input with pseudo anomalies
 
 
+def test_depth_sampling_inverse_draws_the_shallow_depths_more_often(toy_data, tmp_path, monkeypatch):
+    """--depth_sampling inverse: one depth per batch with p(n) proportional to 1/n (N=4: 0.48, 0.24, 0.16,
+    0.12); main() passes it to make_batch, and a ConvAE refuses it."""
+    x = torch.rand(2, 3, 16, 16)
+    depths = [int(stage1_rcae.make_batch(x, torch.Generator().manual_seed(s), 0.0, 4, sampling="inverse")["n"])
+              for s in range(1000)]
+    counts = [depths.count(n) for n in (1, 2, 3, 4)]
+    assert 420 < counts[0] < 540 and 80 < counts[3] < 160 and counts == sorted(counts, reverse=True), counts
+    seen, real = set(), stage1_rcae.make_batch
+    monkeypatch.setattr(stage1_rcae, "make_batch", lambda *a, **k: seen.add(k["sampling"]) or real(*a, **k))
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2, depth_sampling="inverse"))
+    assert seen == {"inverse"}
+    with pytest.raises(common.UserError, match="--depth_sampling inverse needs --arch rcae"):
+        stage1_rcae.get_args(quick_args(toy_data, tmp_path, arch="convae", depth_sampling="inverse"))
+
+
 def test_depth_sampling_all_trains_every_depth_on_every_batch(toy_data, tmp_path, monkeypatch):
     """--depth_sampling all: the step's loss is the mean of Eq. (5) over depths 1..N of the same batch, so
     every depth gets a gradient every step; main() uses it, and a ConvAE refuses it."""
