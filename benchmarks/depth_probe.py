@@ -11,7 +11,8 @@ Before fine-tuning it asks what depth n's code I_C^n holds (`code_fit`): an affi
 squares from the trained code (each code pixel alone, and with its 3x3 neighbours) to the 2^n x 2^n image
 block above it, on the training images, and scored on the holdout; beside it, the best any code of the same
 shape (C numbers per block) could do with an affine decoder, the top-C principal components of the blocks.
-A code far from that bound has lost detail in the compression (E), whatever D does with it.
+A code whose affine decoders stay far from that bound keeps little more than the blur does: what depth n
+shows beyond them is D's learned (nonlinear) upsampling.
 
     python -m benchmarks.depth_probe --rcae runs/ablations/tables/128px_steps1758-263-258_seed0/ball_screw/paper/stage1_rcae.pt
 
