@@ -1000,6 +1000,11 @@ def _config_diff(a, b):
     return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
+def adam(params, lr):
+    """The optimiser of every RcAE stage: Adam with the paper's settings ("Training Setup")."""
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
 def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt_path, extra=None, lr_at=None,
           validate=None):
     """The one training loop of all stages.
@@ -1016,8 +1021,7 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     non-finite loss, keeping the last good checkpoint. Returns the final checkpoint dict."""
     device = get_device(args.device)
     model.to(device)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                           betas=(0.9, 0.999), eps=1e-8)  # paper, "Training Setup"
+    opt = adam([p for p in model.parameters() if p.requires_grad], args.lr)
     total, start = total_steps(args, len(images)), 0
     lr_at = lr_at or LR_SCHEDULES[getattr(args, "lr_schedule", "constant")]
     cfg = plain(model_config)

@@ -265,6 +265,12 @@ def main(argv=None):
                  validate=partial(recon_report, images=holdout, batch_size=args.batch_size) if len(holdout) else None)
 
 
+def blur(x, n):
+    """The depth-n reference that needs no training: a 2^n down/up blur, (B, C, H, W) -> (B, C, H, W): as much
+    information as the depth-n code (C x H/2^n x W/2^n), averaged down and bilinearly up."""
+    return F.interpolate(F.avg_pool2d(x, 2 ** n), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def recon_report(model, images, batch_size=8):
     """How well each depth reconstructs clean images (uint8 (M, C, H, W), the holdout), against two references
@@ -286,8 +292,7 @@ def recon_report(model, images, batch_size=8):
             err = (recons[:, n - 1] - x)  # (b, C, H, W)
             add(f"l1_{n}", err.abs().mean((1, 2, 3)).sum())
             add(f"psnr_{n}", (-10 * torch.log10(err.pow(2).mean((1, 2, 3)).clamp_min(1e-10))).sum())
-            blur = F.interpolate(F.avg_pool2d(x, 2 ** n), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            add(f"l1_blur_{n}", (blur - x).abs().mean((1, 2, 3)).sum())
+            add(f"l1_blur_{n}", (blur(x, n) - x).abs().mean((1, 2, 3)).sum())
     rep = {k: v / len(images) for k, v in sums.items()}
     for n in depths:
         rep[f"ratio_mean_{n}"] = rep[f"l1_{n}"] / max(rep["l1_mean"], 1e-12)

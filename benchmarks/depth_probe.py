@@ -64,20 +64,18 @@ def code_fit(model, images, holdout, n, max_images=300):
         return torch.cat([model.compress(x[i:i + 32], n)[-1] for i in range(0, len(x), 32)]).float()
 
     tr, ho = common.to_float(images[:max_images]), common.to_float(holdout)
-    blur = F.interpolate(F.avg_pool2d(ho, s), size=ho.shape[-2:], mode="bilinear", align_corners=False)
-    ref = (blur - ho).abs().mean()
+    ref = (stage1_rcae.blur(ho, n) - ho).abs().mean()
 
     def score(pred_blocks):
         return float((image(pred_blocks, ho).clamp(0, 1) - ho).abs().mean() / ref)
 
-    out, ctr, cho = {}, codes(tr), codes(ho)
+    out, ctr, cho, btr = {}, codes(tr), codes(ho), blocks(tr)
     for k in (1, 3):
         def feats(code):  # (M, C, h, w) -> (M * h * w, C * k * k + 1), a code pixel with its k x k neighbours
             f = F.unfold(code, k, padding=k // 2).transpose(1, 2).reshape(-1, c * k * k)
             return torch.cat([f, torch.ones(len(f), 1)], 1).double()
-        w = torch.linalg.lstsq(feats(ctr), blocks(tr).double()).solution
+        w = torch.linalg.lstsq(feats(ctr), btr.double()).solution
         out[f"linear_{k}x{k}"] = score((feats(cho) @ w).float())
-    btr = blocks(tr)
     mean = btr.mean(0)
     v = torch.linalg.svd(btr - mean, full_matrices=False).Vh[:c]  # (C, C s s): the top-C components
     out["pca_bound"] = score((blocks(ho) - mean) @ v.T @ v + mean)
@@ -97,7 +95,7 @@ def main(argv=None):
         raise UserError(f"{args.rcae} was trained without a holdout (--holdout 0): nothing to measure on")
     for q in model.parameters():
         q.requires_grad_(True)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr or train.lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = common.adam(model.parameters(), args.lr or train.lr)
     gen = torch.Generator().manual_seed(args.seed)
     rows, t0 = [], time.time()
 
