@@ -66,6 +66,11 @@ def get_args(argv=None):
                         "have the most detail to learn, get more of the batches at the same cost per step) or all "
                         "(every depth's Eq. (5) on every batch, averaged, sharing the compression path: each depth "
                         "gets a gradient every step instead of on 1/N of them, for about twice the time per step)")
+    g.add_argument("--updown_init", choices=["default", "pca"], default="default",
+                   help="start of the 2x2 stride-2 down and up layers: default (PyTorch's; paper: not given) or pca "
+                        "(down projects each 2x2 block of the standardised training images onto their top-C principal "
+                        "components, up maps back to their span: the best linear code of C numbers per block; every "
+                        "depth's output passes through up, README 'Results')")
     g.add_argument("--share", type=int, default=1,
                    help="1: one E and one D shared by every level (paper, Eq. (3)-(4)); 0: N independent "
                         "blocks E_i, D_i (Eq. (2)), N times the parameters (Table 4)")
@@ -156,6 +161,20 @@ class RcAE(nn.Module):
             x = images.double().div(255).transpose(0, 1).flatten(1)  # (C, M*H*W)
             self.in_mean.copy_(x.mean(1).view(1, -1, 1, 1))
             self.in_std.copy_(x.std(1).clamp_min(1e-3).view(1, -1, 1, 1))
+
+    @torch.no_grad()
+    def init_updown_pca(self, images):
+        """--updown_init pca: every level's down starts as the projection of a 2x2 block onto the top-C
+        principal components of the standardised training images' blocks (uint8 (M, C, H, W)), its up as the
+        map back: the best linear code of C numbers per block (benchmarks.depth_probe's pca_bound)."""
+        c = self.cfg.channels
+        mean, v = block_pca((common.to_float(images) - self.in_mean) / self.in_std, 2, c)  # (C 4,), (C, C 4)
+        for i in range(1, self.cfg.depth + 1):  # with sharing, the one module each time
+            down, up = self.level(self.down, i), self.level(self.up, i)
+            down.weight.copy_(v.view(c, c, 2, 2))  # code_k = v_k . (block - mean)
+            down.bias.copy_(-(v @ mean))
+            up.weight.copy_(v.view(c, c, 2, 2))  # block = sum_k code_k v_k + mean (per channel)
+            up.bias.copy_(mean.view(c, 4).mean(1))
 
     def output(self, y):
         """The network's last tensor (normalised space) -> the reconstruction in image space."""
@@ -251,6 +270,8 @@ def main(argv=None):
     model = RcAE(cfg)
     images = common.train_images(args)  # (M, 3, H, W) uint8, train/good minus the holdout
     model.fit_input_norm(images)
+    if args.updown_init == "pca":
+        model.init_updown_pca(images)
     holdout = common.train_images(args, part="holdout")
     print(f"{STAGE}: {len(images)} training images at {args.image_size}px, depth N={cfg.depth}, {cfg.arch} "
           f"(share {cfg.share}, skip {cfg.skip}), {common.n_params(model):,} parameters")
@@ -263,6 +284,19 @@ def main(argv=None):
                  loss_fn=loss_fn_all_depths if args.depth_sampling == "all" else loss_fn,
                  ckpt_path=f"{args.out}/{STAGE}.pt",
                  validate=partial(recon_report, images=holdout, batch_size=args.batch_size) if len(holdout) else None)
+
+
+def block_pca(x, s, k, chunk=64):
+    """x (M, C, H, W) float -> (mean (C s s,), the top-k principal directions (k, C s s)) of its s x s blocks
+    (unfold order: channel, row, column); the covariance is summed over chunks of images, in float64."""
+    total, outer, count = 0, 0, 0
+    for i in range(0, len(x), chunk):
+        b = F.unfold(x[i:i + chunk].double(), s, stride=s).transpose(1, 2).flatten(0, 1)  # (blocks, C s s)
+        total, outer, count = total + b.sum(0), outer + b.T @ b, count + len(b)
+    mean = total / count
+    cov = outer / count - mean[:, None] * mean[None]
+    v = torch.linalg.eigh(cov).eigenvectors.flip(1)[:, :k].T  # eigh sorts ascending
+    return mean.float(), v.float().contiguous()
 
 
 def blur(x, n):

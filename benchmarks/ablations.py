@@ -76,6 +76,8 @@ STUDIES = {
         ("lr 1e-3, input standardised, weight average (EMA 0.99)", {"stage1_rcae": ["--input_norm", "1", "--ema", "0.99"]}),
         ("lr 1e-3, input standardised, depth drawn with p(n) ~ 1/n",
          {"stage1_rcae": ["--input_norm", "1", "--depth_sampling", "inverse"]}),
+        ("lr 1e-3, input standardised, down/up started at the blocks' principal components",
+         {"stage1_rcae": ["--input_norm", "1", "--updown_init", "pca"]}),
     ]),
     # what makes CRD detect (issue 11): stages 1-2 trained once per category ("upstream", the CPU recipe's
     # stage 1), then every row trains only CRD on them, one change from the paper's reading per row

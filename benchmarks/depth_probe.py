@@ -12,7 +12,10 @@ squares from the trained code (each code pixel alone, and with its 3x3 neighbour
 block above it, on the training images, and scored on the holdout; beside it, the best any code of the same
 shape (C numbers per block) could do with an affine decoder, the top-C principal components of the blocks.
 A code whose affine decoders stay far from that bound keeps little more than the blur does: what depth n
-shows beyond them is D's learned (nonlinear) upsampling.
+shows beyond them is D's learned (nonlinear) upsampling. Last, `up_span`: every depth's reconstruction ends in
+level 1's 2x2 stride-2 deconvolution from C channels, so each 2x2 block of any I_R^n is an affine function of
+C numbers, in the one span that layer learned; the holdout projected onto that span is the best any D could
+give with it.
 
     python -m benchmarks.depth_probe --rcae runs/ablations/tables/128px_steps1758-263-258_seed0/ball_screw/paper/stage1_rcae.pt
 
@@ -76,10 +79,28 @@ def code_fit(model, images, holdout, n, max_images=300):
             return torch.cat([f, torch.ones(len(f), 1)], 1).double()
         w = torch.linalg.lstsq(feats(ctr), btr.double()).solution
         out[f"linear_{k}x{k}"] = score((feats(cho) @ w).float())
-    mean = btr.mean(0)
-    v = torch.linalg.svd(btr - mean, full_matrices=False).Vh[:c]  # (C, C s s): the top-C components
+    mean, v = stage1_rcae.block_pca(tr, s, c)  # (C s s,), (C, C s s): the top-C components
     out["pca_bound"] = score((blocks(ho) - mean) @ v.T @ v + mean)
     return out
+
+
+@torch.no_grad()
+def up_span(model, holdout, n):
+    """uint8 holdout (M, C, H, W) -> L1 / L1 of the 2^n blur of the holdout's least-squares projection onto
+    what the last layer can output: D "ends with a deconvolutional upsampling layer (kernel size = 2,
+    stride = 2)" (paper, "Recursive Structure") from the C channels of X_1, so every 2x2 output block is
+    off + v @ basis, v in R^C, at every depth. None with a sigmoid output (not an affine span)."""
+    if model.cfg.out_act != "none":
+        return None
+    c, up = model.cfg.channels, model.level(model.up, 1)
+    probe = torch.cat([torch.zeros(1, c, 1, 1), torch.eye(c).view(c, c, 1, 1)])  # v = 0, then each unit vector
+    o = model.output(up(probe)).flatten(1).double()  # (1 + C, C * 4): the output block for each v
+    off, basis = o[0], o[1:] - o[0]
+    ho = common.to_float(holdout)
+    blocks = F.unfold(ho, 2, stride=2).transpose(1, 2).reshape(-1, c * 4).double()  # (M H W / 4, C * 4)
+    v = torch.linalg.lstsq(basis.T, (blocks - off).T).solution  # (C, blocks)
+    proj = F.fold((v.T @ basis + off).float().reshape(len(ho), -1, c * 4).transpose(1, 2), ho.shape[-2:], 2, stride=2)
+    return float((proj.clamp(0, 1) - ho).abs().mean() / (stage1_rcae.blur(ho, n) - ho).abs().mean())
 
 
 def main(argv=None):
@@ -107,9 +128,9 @@ def main(argv=None):
         print(f"step {step:5d} ({time.time() - t0:4.0f}s)  L1/mean d1..d{model.cfg.depth}: {cells}  "
               f"L1/blur d{args.depth}: {rep[f'ratio_blur_{args.depth}']:.3f}", flush=True)
 
-    fit = code_fit(model, images, holdout, args.depth)
+    fit = {**code_fit(model, images, holdout, args.depth), "up_span": up_span(model, holdout, args.depth)}
     print(f"depth {args.depth}'s code, L1 / blur on the holdout, affine decoders: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in fit.items()) + f" (the trained D: step 0's L1/blur d{args.depth})")
+          + ", ".join(f"{k} {v:.2f}" for k, v in fit.items() if v is not None) + f" (the trained D: step 0's L1/blur d{args.depth})")
     report(0)
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(images), (train.batch_size,), generator=gen)

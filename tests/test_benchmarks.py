@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+import stage1_rcae
 from benchmarks import ablations, compare, depth_probe, optimisations, speed
 
 
@@ -95,7 +96,7 @@ def test_depth_probe_trains_only_on_its_depth_and_reports_every_depth(toy_data, 
     assert seen == [2, 2, 2]
     rep = json.loads((tmp_path / "depth_probe_d2.json").read_text())
     assert [r["step"] for r in rep["rows"]] == [0, 2, 3] and set(rep["code_fit"]) == {"linear_1x1", "linear_3x3",
-                                                                                      "pca_bound"}
+                                                                                      "pca_bound", "up_span"}
     assert rep["rows"][0]["l1_1"] == pytest.approx(ck["val"]["l1_1"], abs=1e-5)
     assert rep["rows"][-1]["l1_2"] != rep["rows"][0]["l1_2"]  # it trained
     assert torch.equal(torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["model"]["E.enc1.weight"],
@@ -128,6 +129,34 @@ def test_code_fit_scores_what_the_code_holds():
     model.compress = lambda x, n: [torch.zeros(len(x), 3, 8, 8)]
     empty = depth_probe.code_fit(model, train, holdout, 1)
     assert empty["linear_1x1"] > 2 * fit["pca_bound"] and empty["pca_bound"] == fit["pca_bound"]
+
+
+def test_up_span_is_what_the_last_layer_can_output():
+    """With the last deconv spanning the blocks' top-C principal components, up_span is the PCA bound; with a
+    deconv that outputs one fixed block it is the mean block's error; a real depth-1 output never beats it."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.rand(48, 3, 4, 4, generator=g), size=16, mode="bilinear")
+    scale, shift = torch.tensor([1.0, 0.3, 0.6]).view(1, 3, 1, 1), torch.tensor([0.0, 0.5, 0.2]).view(1, 3, 1, 1)
+    noisy = (smooth + 0.1 * torch.rand(48, 3, 16, 16, generator=g)) * scale + shift  # unequal channel stats
+    images = (noisy.clamp(0, 1) * 255).to(torch.uint8)
+    blocks = F.unfold(common.to_float(images), 2, stride=2).transpose(1, 2).reshape(-1, 12)
+    mean = blocks.mean(0)
+    v = torch.linalg.svd(blocks - mean, full_matrices=False).Vh[:3]
+    model = stage1_rcae.RcAE(stage1_rcae.Config(image_size=16, depth=1, input_norm=1))
+    model.fit_input_norm(images)  # the span is read through the output's un-standardisation
+    with torch.no_grad():
+        model.up.weight.copy_(v.view(3, 3, 2, 2) / model.in_std.view(1, 3, 1, 1))
+        model.up.bias.copy_((mean.view(3, 4).mean(1) - model.in_mean.view(3)) / model.in_std.view(3))
+    bound = depth_probe.code_fit(model, images, images, 1)["pca_bound"]
+    assert depth_probe.up_span(model, images, 1) == pytest.approx(bound, rel=0.01)
+    recon = model(common.to_float(images), 1).detach()  # this D's depth 1: in the same span, so no better
+    ratio = (recon - common.to_float(images)).abs().mean() / (stage1_rcae.blur(common.to_float(images), 1)
+                                                              - common.to_float(images)).abs().mean()
+    assert ratio > depth_probe.up_span(model, images, 1)
+    with torch.no_grad():
+        model.up.weight.zero_()
+    assert depth_probe.up_span(model, images, 1) > 3 * bound
 
 
 def test_flops_scale_with_batch_and_area():

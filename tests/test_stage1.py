@@ -81,6 +81,36 @@ def test_depth_sampling_inverse_draws_the_shallow_depths_more_often(toy_data, tm
         stage1_rcae.get_args(quick_args(toy_data, tmp_path, arch="convae", depth_sampling="inverse"))
 
 
+@pytest.mark.parametrize("share", [1, 0])
+def test_updown_init_pca_starts_at_the_best_linear_block_code(share, toy_data, tmp_path, monkeypatch):
+    """--updown_init pca: up(down(x)) of the standardised image is its projection onto the top-C principal
+    components of the training images' 2x2 blocks, at every level; main() applies it after the input
+    standardisation, and the default leaves PyTorch's init."""
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(20, 3, 4, 4, generator=g), size=16, mode="bilinear")
+    images = ((smooth + 0.2 * torch.rand(20, 3, 16, 16, generator=g)).clamp(0, 1) * 255).to(torch.uint8)
+    model = RcAE(Config(width=8, depth=3, input_norm=1, share=share))
+    model.fit_input_norm(images)
+    model.init_updown_pca(images)
+    x = (common.to_float(images) - model.in_mean) / model.in_std
+    b = torch.nn.functional.unfold(x, 2, stride=2).transpose(1, 2).flatten(0, 1)  # (blocks, 12)
+    mean = b.mean(0)
+    v = torch.linalg.svd(b - mean, full_matrices=False).Vh[:3]
+    want = (b - mean) @ v.T @ v + mean  # the best rank-3 affine code of each block
+    for i in (1, 2, 3):
+        got = model.level(model.up, i)(model.level(model.down, i)(x))
+        got = torch.nn.functional.unfold(got, 2, stride=2).transpose(1, 2).flatten(0, 1)
+        d = got - want  # up's bias is per channel, the blocks' mean per pixel: equal up to that small offset
+        assert (d - d.mean(0)).abs().max() < 1e-3 and d.mean(0).abs().max() < 0.05
+        assert (got - b).pow(2).mean() < 0.5 * (mean - b).pow(2).mean()
+    seen, real = [], RcAE.init_updown_pca
+    monkeypatch.setattr(RcAE, "init_updown_pca", lambda self, im: seen.append(float(self.in_std[0, 0])) or real(self, im))
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1))
+    assert seen == []
+    stage1_rcae.main(quick_args(toy_data, tmp_path / "pca", max_steps=1, updown_init="pca"))
+    assert len(seen) == 1 and seen[0] != 1.0  # after fit_input_norm
+
+
 def test_depth_sampling_all_trains_every_depth_on_every_batch(toy_data, tmp_path, monkeypatch):
     """--depth_sampling all: the step's loss is the mean of Eq. (5) over depths 1..N of the same batch, so
     every depth gets a gradient every step; main() uses it, and a ConvAE refuses it."""
