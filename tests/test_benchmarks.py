@@ -6,7 +6,7 @@ import torch
 
 import common
 import stage1_rcae
-from benchmarks import ablations, compare, depth_probe, optimisations, speed
+from benchmarks import ablations, compare, depth_probe, depth_residuals, optimisations, speed
 
 
 def test_speed_report(tmp_path):
@@ -103,6 +103,22 @@ def test_depth_probe_trains_only_on_its_depth_and_reports_every_depth(toy_data, 
                        ck["model"]["E.enc1.weight"])  # the checkpoint is left as it is
     with pytest.raises(common.UserError, match="--depth must be in 1..3"):
         depth_probe.main(["--rcae", str(tmp_path / "stage1_rcae.pt"), "--depth", "4"])
+
+
+def test_depth_residuals_score_every_depth_as_evaluate_scores_the_deepest(toy_data, tmp_path):
+    """Depth N's row is evaluate.py's "rcae" variant (the same map and P-AUROC); the other depths differ."""
+    import evaluate
+    from conftest import quick_args
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, lr=1e-3))
+    evaluate.main(["--data", toy_data, "--out", str(tmp_path), "--workers", "0", "--n_figures", "0"])
+    rcae = json.loads((tmp_path / "metrics.json").read_text())
+    rcae = rcae["variants"]["rcae"] if "variants" in rcae else rcae["rcae"]
+    depth_residuals.main(["--data", toy_data, "--rcae", str(tmp_path / "stage1_rcae.pt"), "--out",
+                          str(tmp_path / "dr.json")])
+    rows = json.loads((tmp_path / "dr.json").read_text())[0]["rows"]
+    assert [r["depth"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["p_auroc"] == pytest.approx(rcae["p_auroc"], abs=1e-6)
+    assert len({round(r["p_auroc"], 6) for r in rows}) == 3 and all(r["residual_defect"] > 0 for r in rows)
 
 
 def test_code_fit_scores_what_the_code_holds():
