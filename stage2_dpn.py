@@ -7,8 +7,10 @@ reconstruction and the gradient I' of the input image:
     Res_D^n = f_DPN(I_R^n (+) I'),   I_D^n = I_R^n + Res_D^n                         Eq. (6)
     L_DPN   = |I_D^n - I|_1 + |(I_D^n)' - I'|_1                                       Eq. (7)
 
-((+) is channel concatenation.) RcAE is frozen and only clean normal images are used, so DPN learns
-the detail that recursion removes from normal texture, not how to put anomalies back. Each step
+((+) is channel concatenation.) RcAE is frozen and only clean normal images are used (paper), so DPN learns
+the detail that recursion removes from normal texture; what it adds back on an anomaly it has never seen
+is whatever I' suggests. --anomaly_prob > 0 (ours) puts stage 1's pseudo anomalies into the input of both
+RcAE and I', with the clean image as the target, so DPN also learns not to put them back. Each step
 refines all N depths of a batch at once. The last conv starts at zero: at initialisation I_D^n = I_R^n.
 
 GPU (paper settings):  python stage2_dpn.py --data mvtec/bottle
@@ -37,10 +39,15 @@ def get_args(argv=None):
     common.add_shared_args(p, upstream=True, epochs=400)  # paper: 400 epochs
     g = p.add_argument_group("model (stage 2)")
     g.add_argument("--width", type=int, default=32, help="hidden width of the DPN autoencoder (paper: not given)")
+    g = p.add_argument_group("augmentation (stage 2)")
+    common.add_anomaly_args(g, "chance that a training image gets pseudo anomalies in DPN's input (the RcAE's and "
+                               "I' both see them), the clean image staying the target, as in stage 1's denoising "
+                               "(paper: 0, clean normal images only)")
+    p.set_defaults(anomaly_prob=0.0)
     g = p.add_argument_group("upstream (stage 2)")
     g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen (default: <out>/stage1_rcae.pt)")
     args = common.parse_args(p, argv, STAGE)
-    common.check_flags(args, width=">=1")
+    common.check_flags(args, width=">=1", anomaly_prob="[0,1]")
     return args
 
 
@@ -106,18 +113,23 @@ def dpn_loss(refined, image):
 # ----------------------------------------------------------------------------- train
 
 
-def make_batch(x, gen):
-    """Clean normal images only (paper): no augmentation."""
-    return {"image": x}  # (B, C, H, W)
+def make_batch(x, gen, anomaly_prob=0.0, anomaly_size="scaled", opacity="strong"):
+    """Clean normal images only (paper); with --anomaly_prob > 0 the input carries pseudo anomalies and the
+    clean image is the target."""
+    if not anomaly_prob:
+        return {"image": x}  # (B, C, H, W)
+    noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity)
+    return {"image": noisy, "target": x}
 
 
 def loss_fn(net, b, rcae):
-    x = b["image"]  # (B, C, H, W)
+    x = b["image"]  # (B, C, H, W), the input of RcAE and of I'
+    target = b.get("target", x)  # the clean image
     with torch.no_grad():  # RcAE is frozen: nothing flows back into it
         recons = rcae.reconstruct_all(x).float()  # {I_R^n}, (B, N, C, H, W)
     refined = recons + net(recons, x)  # Eq. (6), all depths in one call, (B, N, C, H, W)
-    loss, parts = dpn_loss(refined.float(), x)
-    parts["l1_rcae"] = (recons - x[:, None]).abs().mean()  # the error DPN starts from: l1 should drop below it
+    loss, parts = dpn_loss(refined.float(), target)
+    parts["l1_rcae"] = (recons - target[:, None]).abs().mean()  # the error DPN starts from: l1 should drop below it
     return loss, parts
 
 
@@ -135,7 +147,8 @@ def main(argv=None):
     upstream = {"rcae": str(Path(args.rcae).resolve()), "rcae_sha": common.fingerprint(rcae_ck["model"])}
     common.check_upstream_unchanged(f"{args.out}/{STAGE}.pt", STAGE, upstream, args)
     common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
-                 make_batch=make_batch, loss_fn=partial(loss_fn, rcae=rcae),
+                 make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, anomaly_size=args.anomaly_size,
+                                    opacity=args.opacity), loss_fn=partial(loss_fn, rcae=rcae),
                  ckpt_path=f"{args.out}/{STAGE}.pt", extra={"upstream": upstream})
 
 

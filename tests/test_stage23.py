@@ -110,6 +110,28 @@ def test_dpn_gradients_reach_every_parameter_and_never_the_rcae():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_dpn_anomaly_prob_feeds_pseudo_anomalies_and_keeps_the_clean_target(toy_data, tmp_path, monkeypatch):
+    """--anomaly_prob in stage 2: RcAE and I' see the pseudo anomalies, the loss compares with the clean image;
+    the default (the paper) draws none; main() passes the flag to make_batch."""
+    x = torch.rand(4, 3, 32, 32)
+    assert set(stage2_dpn.make_batch(x, torch.Generator().manual_seed(0))) == {"image"}
+    b = stage2_dpn.make_batch(x, torch.Generator().manual_seed(0), anomaly_prob=1.0)
+    assert torch.equal(b["target"], x) and not torch.equal(b["image"], x)
+    dpn, up, seen = DPN(stage2_dpn.Config(depth=3, width=8)), rcae(), {}
+    real = up.reconstruct_all
+    up.reconstruct_all = lambda im: seen.setdefault("rcae", im) is None or real(im)
+    monkeypatch.setattr(stage2_dpn, "dpn_loss", lambda refined, target: seen.setdefault("target", target) is None
+                        or (refined.sum(), {}))
+    stage2_dpn.loss_fn(dpn, b, rcae=up)
+    assert torch.equal(seen["rcae"], b["image"]) and torch.equal(seen["target"], x)
+    monkeypatch.undo()
+    probs, real_mb = [], stage2_dpn.make_batch
+    monkeypatch.setattr(stage2_dpn, "make_batch", lambda *a, **k: probs.append(k["anomaly_prob"]) or real_mb(*a, **k))
+    stage1_rcae.main(quick_args(toy_data, tmp_path, width=8, max_steps=1))
+    stage2_dpn.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, width=8, anomaly_prob=0.5))
+    assert probs and set(probs) == {0.5}
+
+
 # ----------------------------------------------------------------------------- stage 3: CRD
 
 
