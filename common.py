@@ -697,7 +697,7 @@ def add_shared_args(p, recursion=True, upstream=False, paper="paper", **defaults
 
 
 def add_anomaly_args(g, prob_help):
-    """The pseudo-anomaly flags of the stages that draw them (1 and 3), into argument group g."""
+    """The pseudo-anomaly flags of the stages that draw them (1 and 3; 2 with --anomaly_prob > 0), into group g."""
     g.add_argument("--anomaly_prob", type=float, default=0.5, help=prob_help)
     g.add_argument("--anomaly_size", choices=ANOMALY_SIZES, default="scaled",
                    help="pseudo-anomaly sizes: the paper's 32-128 px blocks scaled by image_size/1024, in pixels "
