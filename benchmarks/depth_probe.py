@@ -49,6 +49,22 @@ def get_args(argv=None):
     return args
 
 
+def to_blocks(x, s):
+    """(M, C, H, W) -> (M * H/s * W/s, C * s * s): every s x s block as a row (channel, row, column)."""
+    return F.unfold(x, s, stride=s).transpose(1, 2).reshape(-1, x.shape[1] * s * s)
+
+
+def from_blocks(b, like, s):
+    """The inverse of to_blocks, shaped like `like` (M, C, H, W)."""
+    return F.fold(b.reshape(len(like), -1, b.shape[1]).transpose(1, 2), like.shape[-2:], s, stride=s)
+
+
+def blur_ratio(pred_blocks, ho, s, n):
+    """L1 of the image made of pred_blocks (clamped to [0, 1]) to the holdout ho, over that of ho's 2^n blur."""
+    err = (from_blocks(pred_blocks, ho, s).clamp(0, 1) - ho).abs().mean()
+    return float(err / (stage1_rcae.blur(ho, n) - ho).abs().mean())
+
+
 @torch.no_grad()
 def code_fit(model, images, holdout, n, max_images=300):
     """What depth n's code holds. uint8 images (M, C, H, W) -> {name: L1 on the holdout / L1 of the 2^n blur}:
@@ -57,22 +73,15 @@ def code_fit(model, images, holdout, n, max_images=300):
     mean plus their top-C principal components, the best affine code of C numbers per block."""
     s, c = 2 ** n, model.cfg.channels
 
-    def blocks(x):  # (M, C, H, W) -> (M * H/s * W/s, C * s * s)
-        return F.unfold(x, s, stride=s).transpose(1, 2).reshape(-1, c * s * s)
-
-    def image(b, like):  # the inverse of blocks
-        return F.fold(b.reshape(len(like), -1, c * s * s).transpose(1, 2), like.shape[-2:], s, stride=s)
-
     def codes(x):
         return torch.cat([model.compress(x[i:i + 32], n)[-1] for i in range(0, len(x), 32)]).float()
 
     tr, ho = common.to_float(images[:max_images]), common.to_float(holdout)
-    ref = (stage1_rcae.blur(ho, n) - ho).abs().mean()
 
     def score(pred_blocks):
-        return float((image(pred_blocks, ho).clamp(0, 1) - ho).abs().mean() / ref)
+        return blur_ratio(pred_blocks, ho, s, n)
 
-    out, ctr, cho, btr = {}, codes(tr), codes(ho), blocks(tr)
+    out, ctr, cho, btr = {}, codes(tr), codes(ho), to_blocks(tr, s)
     for k in (1, 3):
         def feats(code):  # (M, C, h, w) -> (M * h * w, C * k * k + 1), a code pixel with its k x k neighbours
             f = F.unfold(code, k, padding=k // 2).transpose(1, 2).reshape(-1, c * k * k)
@@ -80,7 +89,7 @@ def code_fit(model, images, holdout, n, max_images=300):
         w = torch.linalg.lstsq(feats(ctr), btr.double()).solution
         out[f"linear_{k}x{k}"] = score((feats(cho) @ w).float())
     mean, v = stage1_rcae.block_pca(tr, s, c)  # (C s s,), (C, C s s): the top-C components
-    out["pca_bound"] = score((blocks(ho) - mean) @ v.T @ v + mean)
+    out["pca_bound"] = score((to_blocks(ho, s) - mean) @ v.T @ v + mean)
     return out
 
 
@@ -97,10 +106,8 @@ def up_span(model, holdout, n):
     o = model.output(up(probe)).flatten(1).double()  # (1 + C, C * 4): the output block for each v
     off, basis = o[0], o[1:] - o[0]
     ho = common.to_float(holdout)
-    blocks = F.unfold(ho, 2, stride=2).transpose(1, 2).reshape(-1, c * 4).double()  # (M H W / 4, C * 4)
-    v = torch.linalg.lstsq(basis.T, (blocks - off).T).solution  # (C, blocks)
-    proj = F.fold((v.T @ basis + off).float().reshape(len(ho), -1, c * 4).transpose(1, 2), ho.shape[-2:], 2, stride=2)
-    return float((proj.clamp(0, 1) - ho).abs().mean() / (stage1_rcae.blur(ho, n) - ho).abs().mean())
+    v = torch.linalg.lstsq(basis.T, (to_blocks(ho, 2).double() - off).T).solution  # (C, M H W / 4)
+    return blur_ratio((v.T @ basis + off).float(), ho, 2, n)
 
 
 def main(argv=None):

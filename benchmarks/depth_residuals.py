@@ -39,13 +39,17 @@ def depth_rows(model, split, sigma, batch_size):
     """Per depth n: P-AUROC of the smoothed |I - I_R^n| over the images with pixel ground truth, and the mean
     raw residual (channel mean, before smoothing) inside and outside the defect masks."""
     keep = split.has_mask.nonzero().flatten()
-    x, gt = common.to_float(split.images[keep]), split.masks[keep, 0]  # (M, C, H, W), (M, H, W) bool
-    recons = torch.cat([model.reconstruct_all(x[i:i + batch_size]).float()
-                        for i in range(0, len(x), batch_size)])  # (M, N, C, H, W)
+    gt, raws, smooths = split.masks[keep, 0], [], []  # (M, H, W) bool
+    for i in range(0, len(keep), batch_size):  # only the (B, N, H, W) maps are kept, never the reconstructions
+        x = common.to_float(split.images[keep[i:i + batch_size]])  # (B, C, H, W)
+        recons = model.reconstruct_all(x).float()  # (B, N, C, H, W)
+        raws.append((x[:, None] - recons).abs().mean(2))  # (B, N, H, W)
+        smooths.append(torch.stack([evaluate.residual_map(x, recons[:, k], sigma)[:, 0]  # evaluate.py's rcae map
+                                    for k in range(recons.shape[1])], 1))  # (B, N, H, W)
+    raws, smooths = torch.cat(raws), torch.cat(smooths)  # (M, N, H, W)
     rows = []
-    for n in range(1, recons.shape[1] + 1):
-        raw = (x - recons[:, n - 1]).abs().mean(1)  # (M, H, W)
-        smooth = evaluate.residual_map(x, recons[:, n - 1], sigma)[:, 0]  # evaluate.py's rcae map at depth n
+    for n in range(1, raws.shape[1] + 1):
+        raw, smooth = raws[:, n - 1], smooths[:, n - 1]  # (M, H, W)
         rows.append({"depth": n, "p_auroc": evaluate.pixel_auroc(gt.numpy(), smooth.numpy()),
                      "residual_defect": float(raw[gt].mean()) if gt.any() else None,
                      "residual_normal": float(raw[~gt].mean())})
