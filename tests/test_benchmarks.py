@@ -106,18 +106,22 @@ def test_depth_probe_trains_only_on_its_depth_and_reports_every_depth(toy_data, 
 
 
 def test_depth_residuals_score_every_depth_as_evaluate_scores_the_deepest(toy_data, tmp_path):
-    """Depth N's row is evaluate.py's "rcae" variant (the same map and P-AUROC); the other depths differ."""
+    """Depth N's row is evaluate.py's "rcae" variant (the same map and P-AUROC), and with --dpn its "rcae+dpn"
+    variant too; the other depths differ."""
     import evaluate
+    import stage2_dpn
     from conftest import quick_args
     stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, lr=1e-3))
+    stage2_dpn.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, max_steps=3, lr=1e-2))
     evaluate.main(["--data", toy_data, "--out", str(tmp_path), "--workers", "0", "--n_figures", "0"])
-    rcae = json.loads((tmp_path / "metrics.json").read_text())
-    rcae = rcae["variants"]["rcae"] if "variants" in rcae else rcae["rcae"]
-    depth_residuals.main(["--data", toy_data, "--rcae", str(tmp_path / "stage1_rcae.pt"), "--out",
-                          str(tmp_path / "dr.json")])
+    variants = json.loads((tmp_path / "metrics.json").read_text())["variants"]
+    depth_residuals.main(["--data", toy_data, "--rcae", str(tmp_path / "stage1_rcae.pt"), "--dpn",
+                          str(tmp_path / "stage2_dpn.pt"), "--out", str(tmp_path / "dr.json")])
     rows = json.loads((tmp_path / "dr.json").read_text())[0]["rows"]
     assert [r["depth"] for r in rows] == [1, 2, 3]
-    assert rows[-1]["p_auroc"] == pytest.approx(rcae["p_auroc"], abs=1e-6)
+    assert rows[-1]["p_auroc"] == pytest.approx(variants["rcae"]["p_auroc"], abs=1e-6)
+    assert rows[-1]["p_auroc_dpn"] == pytest.approx(variants["rcae+dpn"]["p_auroc"], abs=1e-6)
+    assert rows[-1]["p_auroc_dpn"] != pytest.approx(rows[-1]["p_auroc"], abs=1e-6)  # DPN changed the map
     assert len({round(r["p_auroc"], 6) for r in rows}) == 3 and all(r["residual_defect"] > 0 for r in rows)
 
 

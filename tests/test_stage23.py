@@ -72,6 +72,17 @@ def test_dpn_residual_is_zero_at_init():
     assert torch.equal(dpn.refine(recons, image), recons)  # I_D^n = I_R^n: the image is not broken
 
 
+def test_dpn_of_zero_steps_is_the_identity(toy_data, tmp_path):
+    """`stage2_dpn.py --max_steps 0` saves the untrained DPN, I_D^n = I_R^n: the README's "CRD without DPN"
+    ablation (stage 3 then sees I - I_R^n) rests on it."""
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2))
+    stage2_dpn.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, max_steps=0))
+    dpn, ck = stage2_dpn.load_dpn(tmp_path / "stage2_dpn.pt")
+    assert ck["step"] == 0
+    image, recons = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 3, 64, 64)
+    assert torch.equal(dpn.refine(recons, image), recons)
+
+
 def test_dpn_uses_the_input_gradient():
     dpn = DPN(stage2_dpn.Config(depth=1, width=8))
     torch.nn.init.normal_(dpn.ae.dec1.weight, std=0.1)
