@@ -123,6 +123,8 @@ def test_depth_residuals_score_every_depth_as_evaluate_scores_the_deepest(toy_da
     assert rows[-1]["p_auroc_dpn"] == pytest.approx(variants["rcae+dpn"]["p_auroc"], abs=1e-6)
     assert rows[-1]["p_auroc_dpn"] != pytest.approx(rows[-1]["p_auroc"], abs=1e-6)  # DPN changed the map
     assert len({round(r["p_auroc"], 6) for r in rows}) == 3 and all(r["residual_defect"] > 0 for r in rows)
+    with pytest.raises(common.UserError, match="one stage-2 checkpoint per --rcae"):
+        depth_residuals.get_args(["--data", toy_data, "--rcae", "a.pt", "b.pt", "--dpn", "c.pt"])
 
 
 def test_code_fit_scores_what_the_code_holds():
