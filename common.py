@@ -707,6 +707,11 @@ def add_anomaly_args(g, prob_help):
                         "cracks opaque; the paper gives none) or draem (every kind at U[0.1, 1], DRAEM's opacity)")
 
 
+def anomaly_kwargs(args):
+    """The flags add_anomaly_args added, as the keyword arguments of the stages' make_batch."""
+    return {"anomaly_prob": args.anomaly_prob, "anomaly_size": args.anomaly_size, "opacity": args.opacity}
+
+
 def default_out(data):
     """runs/<parent>/<category>: mvtec/bottle -> runs/mvtec/bottle."""
     p = Path(data).resolve()

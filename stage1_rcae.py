@@ -277,8 +277,7 @@ def main(argv=None):
           f"(share {cfg.share}, skip {cfg.skip}), {common.n_params(model):,} parameters")
 
     common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
-                 make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, depth=cfg.depth,
-                                    anomaly_size=args.anomaly_size, opacity=args.opacity,
+                 make_batch=partial(make_batch, depth=cfg.depth, **common.anomaly_kwargs(args),
                                     random_depth=cfg.arch == "rcae" and args.depth_sampling != "all",
                                     sampling=args.depth_sampling),
                  loss_fn=loss_fn_all_depths if args.depth_sampling == "all" else loss_fn,

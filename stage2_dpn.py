@@ -147,8 +147,7 @@ def main(argv=None):
     upstream = {"rcae": str(Path(args.rcae).resolve()), "rcae_sha": common.fingerprint(rcae_ck["model"])}
     common.check_upstream_unchanged(f"{args.out}/{STAGE}.pt", STAGE, upstream, args)
     common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
-                 make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, anomaly_size=args.anomaly_size,
-                                    opacity=args.opacity), loss_fn=partial(loss_fn, rcae=rcae),
+                 make_batch=partial(make_batch, **common.anomaly_kwargs(args)), loss_fn=partial(loss_fn, rcae=rcae),
                  ckpt_path=f"{args.out}/{STAGE}.pt", extra={"upstream": upstream})
 
 

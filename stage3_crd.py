@@ -319,8 +319,7 @@ def main(argv=None):
     path = f"{args.out}/{STAGE}.pt"
     common.check_upstream_unchanged(path, STAGE, ups, args)
     ck = common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
-                      make_batch=partial(make_batch, anomaly_prob=args.anomaly_prob, anomaly_size=args.anomaly_size,
-                                         opacity=args.opacity),
+                      make_batch=partial(make_batch, **common.anomaly_kwargs(args)),
                       loss_fn=partial(loss_fn, rcae=rcae, dpn=dpn, depths=cfg.use_depths, kind=cfg.crd_input,
                                       loss=args.loss),
                       ckpt_path=path, extra={"upstream": ups},
