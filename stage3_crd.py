@@ -5,7 +5,8 @@ U-Net, looks at every depth's detail-enhanced reconstruction next to the input a
 axis is the 3D convolutions' third axis) and predicts the anomaly map:
 
     M_A   = f_CRD(I_D^n (+) I),  n in use_depths (all of 1..N by default)            Eq. (8)
-            (by default each depth enters as the residual I - I_D^n next to I: --crd_input image is the paper's)
+            (by default each depth enters as the residual I - I_D^n next to I: --crd_input image is the paper's,
+            --crd_input both adds the residual before DPN, I - I_R^n)
     L_CRD = |M_A - M_P|_2 + |M_A' - M_P'|_2                                           Eq. (9)
 
 RcAE and DPN are frozen; the input has pseudo anomalies (mask M_P) part of the time. The image score
@@ -48,10 +49,11 @@ def get_args(argv=None):
     g.add_argument("--use_depths", default=None,
                    help="recursion depths fed to CRD, comma-separated, e.g. 1,3,5 (default: all of 1..N, "
                         "as in the paper; its Table 6 ablates 5 and 1,3,5)")
-    g.add_argument("--crd_input", choices=["image", "residual"], default="residual",
+    g.add_argument("--crd_input", choices=list(INPUTS), default="residual",
                    help="what CRD sees of each depth next to I: the residual I - I_D^n (default) or the refined I_D^n "
                         "itself (the paper's Eq. (8)). The same information; the residual puts the anomaly signal in "
-                        "the input instead of leaving the difference to be learnt (README, 'Reading the paper')")
+                        "the input instead of leaving the difference to be learnt (README, 'Reading the paper'). "
+                        "'both': the residuals before and after DPN, I - I_R^n and I - I_D^n")
     g = p.add_argument_group("loss (stage 3)")
     g.add_argument("--loss", choices=["l2", "bce", "focal"], default="l2",
                    help="mask term of Eq. (9): l2 (paper), or binary cross-entropy / focal (gamma 2, DRAEM) on the "
@@ -111,10 +113,13 @@ class Config:
     image_size: int = 1024  # training size, inherited
     width: int = 16  # base width w
     use_depths: list | None = None  # depths n on the recursion axis; None = all of 1..N (paper)
-    crd_input: str = "image"  # each depth's I_D^n (paper) or the residual I - I_D^n, next to I
+    crd_input: str = "image"  # each depth's I_D^n (paper), I - I_D^n, or I - I_R^n and I - I_D^n; next to I
 
     def __post_init__(self):
         self.use_depths = list(self.use_depths or range(1, self.depth + 1))
+
+
+INPUTS = {"image": 2, "residual": 2, "both": 3}  # --crd_input -> CRD's input channels per depth, in units of C
 
 
 def conv3(cin, cout, stride=1):
@@ -128,13 +133,13 @@ def up_to(h, like):
 
 
 class CRD(nn.Module):
-    """f_CRD of Eq. (8): (B, 2C, NR, H, W) -> M_A (B, 1, H, W) in [0, 1], NR = len(use_depths)."""
+    """f_CRD of Eq. (8): (B, kC, NR, H, W) -> M_A (B, 1, H, W) in [0, 1], NR = len(use_depths)."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         w, nr = cfg.width, len(cfg.use_depths)
-        self.enc1 = conv3(2 * cfg.channels, w)  # (B, w, NR, H, W)
+        self.enc1 = conv3(INPUTS[cfg.crd_input] * cfg.channels, w)  # (B, w, NR, H, W)
         self.enc2 = conv3(w, 2 * w, stride=2)  # (B, 2w, NR, H/2, W/2)
         self.enc3 = conv3(2 * w, 4 * w, stride=2)  # (B, 4w, NR, H/4, W/4)
         self.enc4 = conv3(4 * w, 8 * w, stride=2)  # (B, 8w, NR, H/8, W/8)
@@ -153,7 +158,7 @@ class CRD(nn.Module):
         return torch.sigmoid(self.logits(x))
 
     def logits(self, x):
-        """(B, 2C, NR, H, W) -> the logits of M_A, (B, 1, H, W)."""
+        """(B, kC, NR, H, W) -> the logits of M_A, (B, 1, H, W)."""
         x = x.contiguous(memory_format=self.memory_format)
         e1 = self.act(self.enc1(x))  # (B, w, NR, H, W)
         e2 = self.act(self.enc2(e1))  # (B, 2w, NR, H/2, W/2)
@@ -165,22 +170,26 @@ class CRD(nn.Module):
         return self.head(d1)[:, :, 0]  # (B, 1, H, W), the recursion axis reduced
 
 
-def crd_input(refined, image, depths, kind="image"):
-    """I_D^n (+) I for each selected depth n, stacked on the recursion axis (kind "residual": I - I_D^n (+) I).
+def crd_input(refined, image, depths, kind="image", recons=None):
+    """I_D^n (+) I for each selected depth n, stacked on the recursion axis (kind "residual": I - I_D^n (+) I;
+    "both": I - I_R^n (+) I - I_D^n (+) I, which needs recons).
 
-    refined (B, N, C, H, W) holds depths 1..N, image (B, C, H, W) -> (B, 2C, NR, H, W)."""
-    sel = refined[:, [n - 1 for n in depths]]  # (B, NR, C, H, W)
-    if kind == "residual":
+    refined, recons (B, N, C, H, W) hold depths 1..N, image (B, C, H, W) -> (B, kC, NR, H, W), k = INPUTS[kind]."""
+    idx = [n - 1 for n in depths]
+    sel = refined[:, idx]  # (B, NR, C, H, W)
+    if kind != "image":
         sel = image[:, None] - sel
-    both = torch.cat([sel, image[:, None].expand_as(sel)], 2)  # (B, NR, 2C, H, W)
-    return both.transpose(1, 2)  # (B, 2C, NR, H, W)
+    if kind == "both":  # what DPN restored is the difference of the two residuals: CRD sees it
+        sel = torch.cat([image[:, None] - recons[:, idx], sel], 2)  # (B, NR, 2C, H, W)
+    out = torch.cat([sel, image[:, None].expand(*sel.shape[:2], *image.shape[1:])], 2)  # (B, NR, kC, H, W)
+    return out.transpose(1, 2)  # (B, kC, NR, H, W)
 
 
 def frozen_forward(rcae, dpn, x, depths, kind="image"):
     """Stages 1-2 on x (B, C, H, W): recons {I_R^n} and refined {I_D^n} (B, N, C, H, W), and CRD's input."""
     recons = rcae.reconstruct_all(x)  # (B, N, C, H, W), n = 1..N
     refined = dpn.refine(recons, x)  # Eq. (6), (B, N, C, H, W)
-    return recons, refined, crd_input(refined, x, depths, kind)  # ..., (B, 2C, NR, H, W)
+    return recons, refined, crd_input(refined, x, depths, kind, recons)  # ..., (B, kC, NR, H, W)
 
 
 class Detector(nn.Module):
@@ -243,7 +252,7 @@ def make_batch(x, gen, anomaly_prob, anomaly_size="scaled", opacity="strong"):
 
 def loss_fn(net, b, rcae, dpn, depths, kind="image", loss="l2"):
     with torch.no_grad():  # RcAE and DPN are frozen: nothing flows back into them
-        _, _, inp = frozen_forward(rcae, dpn, b["image"], depths, kind)  # (B, 2C, NR, H, W)
+        _, _, inp = frozen_forward(rcae, dpn, b["image"], depths, kind)  # (B, kC, NR, H, W)
     logits = net.logits(inp)  # under --compile 1 the wrapper forwards .logits to the original module (runs eager)
     return crd_loss(logits.float(), b["mask"], loss)
 

@@ -6,7 +6,7 @@ import torch
 
 import common
 import stage1_rcae
-from benchmarks import ablations, compare, depth_probe, depth_residuals, optimisations, speed
+from benchmarks import ablations, compare, depth_probe, depth_residuals, optimisations, revalidate, speed
 
 
 def test_speed_report(tmp_path):
@@ -126,6 +126,27 @@ def test_depth_residuals_score_every_depth_as_evaluate_scores_the_deepest(toy_da
     with pytest.raises(common.UserError, match="one stage-2 checkpoint per --rcae"):
         depth_residuals.get_args(["--data", toy_data, "--rcae", "a.pt", "b.pt", "--dpn", "c.pt"])
 
+
+def test_revalidate_redraws_stage3s_validation(toy_data, tmp_path):
+    """The run's own opacity gives back the validation stage 3 logged at its last step; the other opacity blends
+    the same draws differently, so its scores differ. A run folder without a CRD is a one-line error."""
+    import stage2_dpn
+    import stage3_crd
+    from conftest import quick_args
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, lr=1e-3))
+    stage2_dpn.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, max_steps=3))
+    with pytest.raises(common.UserError, match="no usable stage3_crd.pt"):
+        revalidate.main(["--out", str(tmp_path)])
+    stage3_crd.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, width=4, max_steps=4,
+                               anomaly_size="relative", crd_input="both"))
+    logged = [json.loads(line)["val"] for line in (tmp_path / "stage3_crd.log.jsonl").read_text().splitlines()
+              if "val" in json.loads(line)][-1]
+    revalidate.main(["--out", str(tmp_path), "--json", str(tmp_path / "rv.json")])
+    rows = {r["opacity"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())}
+    assert set(rows) == set(common.OPACITIES)
+    for k in ("p_auroc", "aupro", "residual_p_auroc", "residual_aupro"):
+        assert rows["strong"][k] == pytest.approx(logged[k], abs=1e-6)
+    assert rows["draem"]["p_auroc"] != pytest.approx(rows["strong"]["p_auroc"], abs=1e-6)
 
 def test_code_fit_scores_what_the_code_holds():
     """A code of the blocks' top-C principal components reaches the PCA bound with a 1x1 affine decoder; a code

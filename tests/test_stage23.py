@@ -213,6 +213,17 @@ def test_crd_residual_input():
     assert torch.equal(x[:, :3, 1], image - refined[:, 2]) and torch.equal(x[:, 3:, 0], image)
 
 
+def test_crd_input_both_residuals():
+    """--crd_input both: each depth's residual before DPN, after DPN, then I; CRD takes its 3C channels."""
+    recons, refined, image = torch.rand(2, 3, 3, 8, 8), torch.rand(2, 3, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    x = crd_input(refined, image, [1, 3], "both", recons)  # (B, 3C, NR, H, W)
+    assert x.shape == (2, 9, 2, 8, 8)
+    assert torch.equal(x[:, :3, 1], image - recons[:, 2]) and torch.equal(x[:, 3:6, 1], image - refined[:, 2])
+    assert torch.equal(x[:, 6:, 0], image)
+    crd = CRD(stage3_crd.Config(depth=3, width=4, use_depths=[1, 3], crd_input="both"))
+    assert crd(x).shape == (2, 1, 8, 8)
+
+
 def test_crd_learns_to_find_fresh_pseudo_anomalies(toy_data, tmp_path, monkeypatch):
     """A few hundred CPU steps make CRD localise pseudo anomalies of the validation stream (drawn by no
     training stage, on holdout images no stage trained on) far better than chance; with a broken loss
