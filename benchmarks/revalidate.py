@@ -38,7 +38,8 @@ def run_rows(out, opacities, seed, batch_size):
     if "stage3_crd" not in chain:
         raise common.UserError(f"no usable stage3_crd.pt in {out}: run `python stage3_crd.py --data PATH` first")
     (rcae, _), (dpn, _), (crd, ck) = chain["stage1_rcae"], chain["stage2_dpn"], chain["stage3_crd"]
-    a = argparse.Namespace(**ck["args"])  # data, image size, holdout, resize and pseudo-anomaly sizes of stage 3
+    # data, image size, holdout, resize and pseudo anomalies of stage 3 (a checkpoint older than a flag: its default)
+    a = argparse.Namespace(**{"anomaly_size": "scaled", "opacity": "strong", "amp": 1, **ck["args"]})
     holdout = common.train_images(a, part="holdout")  # (M, C, H, W) uint8, never trained on
     if not len(holdout):
         raise common.UserError(f"{out}: stage 3 ran with --holdout 0, so there is nothing to validate on")
