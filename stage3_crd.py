@@ -389,11 +389,17 @@ def detector_of(chain):
                                   image_threshold=cal.get("image_threshold"), amp=ck["args"].get("amp", 1)))
 
 
+def crd_of(chain, out):
+    """(CRD, checkpoint) of a chain from load_chain; a chain without a usable CRD is a UserError."""
+    if "stage3_crd" not in chain:
+        raise UserError(f"no usable stage3_crd.pt in {out}: run `python stage3_crd.py --data PATH` first")
+    return chain["stage3_crd"]
+
+
 def load_detector(out, rcae=None, dpn=None, crd=None):
     """The frozen Detector from <out>/stage{1,2,3}_*.pt (or the given paths); refuses a mixed-up chain."""
     chain = load_chain(out, rcae, dpn, crd)
-    if "stage3_crd" not in chain:
-        raise UserError(f"no usable stage3_crd.pt in {out}: run `python stage3_crd.py --data PATH` first")
+    crd_of(chain, out)
     return detector_of(chain)
 
 

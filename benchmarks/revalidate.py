@@ -24,7 +24,7 @@ def get_args(argv=None):
     p.add_argument("--out", nargs="+", required=True, help="run folders, each with a trained chain (stage3_crd.pt)")
     p.add_argument("--opacity", nargs="+", choices=common.OPACITIES, default=list(common.OPACITIES),
                    help="validation sets to draw: how strongly the pseudo anomalies are blended in")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation draws (stage 3 uses its --seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation draws (stage 3 always validates on seed 0, whatever its --seed)")
     p.add_argument("--batch_size", type=int, default=8, help="holdout images per forward pass")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -35,9 +35,8 @@ def get_args(argv=None):
 def run_rows(out, opacities, seed, batch_size):
     """One row per opacity for the chain in `out`: validation P-AUROC / AUPRO of CRD and of the residual."""
     chain = stage3_crd.load_chain(out)
-    if "stage3_crd" not in chain:
-        raise common.UserError(f"no usable stage3_crd.pt in {out}: run `python stage3_crd.py --data PATH` first")
-    (rcae, _), (dpn, _), (crd, ck) = chain["stage1_rcae"], chain["stage2_dpn"], chain["stage3_crd"]
+    crd, ck = stage3_crd.crd_of(chain, out)
+    rcae, dpn = chain["stage1_rcae"][0], chain["stage2_dpn"][0]
     # data, image size, holdout, resize and pseudo anomalies of stage 3 (a checkpoint older than a flag: its default)
     a = argparse.Namespace(**{"anomaly_size": "scaled", "opacity": "strong", "amp": 1, **ck["args"]})
     holdout = common.train_images(a, part="holdout")  # (M, C, H, W) uint8, never trained on
