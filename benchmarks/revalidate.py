@@ -1,19 +1,27 @@
 """Revalidate: score trained chains on label-free validation sets drawn with other pseudo-anomaly settings.
 
 Stage 3 validates on the holdout normal images (kept out of every stage's training) with pseudo anomalies
-from a stream no training stage draws, blended with the run's own --opacity. Does the validation rank two
-chains the way the real defects of the test split do? This scores each chain's CRD map, and the residual
-|I - I_D^N| beside it, on that holdout under each --opacity given (the same draws apart from the blending),
-and puts the test metrics evaluate.py wrote into <out>/metrics.json beside them. The validation reads no test
-label; the test columns are only copied, so a validation setting can be checked against them.
+from a stream no training stage draws, drawn with the run's own --anomaly_size and --opacity. Does the
+validation rank chains the way the real defects of the test split do? This scores each chain's CRD map, and
+the residual |I - I_D^N| beside it, on that holdout under each --opacity and --anomaly_size given (the same
+stream), and puts the test metrics evaluate.py wrote into <out>/metrics.json beside them. The validation
+reads no test label; the test columns are only copied, so a validation setting can be checked against them:
+with several run folders of one category, each setting's Spearman rank correlation between the chains'
+validation and test scores (P-AUROC with P-AUROC, AUPRO with AUPRO) says how well it would have chosen.
 
-    python -m benchmarks.revalidate --out runs/base/ball_screw runs/nodpn/ball_screw --opacity strong draem
+    python -m benchmarks.revalidate --out runs/base/ball_screw runs/nodpn/ball_screw --opacity strong draem \
+        --anomaly_size relative scaled
 
-Prints a table; --json writes it.
+Prints a table and the rank correlations; --json writes both.
 """
 import argparse
+import itertools
 import json
+import sys
+import time
 from pathlib import Path
+
+from scipy import stats
 
 import common
 import stage3_crd
@@ -24,6 +32,8 @@ def get_args(argv=None):
     p.add_argument("--out", nargs="+", required=True, help="run folders, each with a trained chain (stage3_crd.pt)")
     p.add_argument("--opacity", nargs="+", choices=common.OPACITIES, default=list(common.OPACITIES),
                    help="validation sets to draw: how strongly the pseudo anomalies are blended in")
+    p.add_argument("--anomaly_size", nargs="+", choices=common.ANOMALY_SIZES, default=None,
+                   help="validation sets to draw: pseudo-anomaly sizes (default: each run's own --anomaly_size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation draws (stage 3 always validates on seed 0, whatever its --seed)")
     p.add_argument("--batch_size", type=int, default=8, help="holdout images per forward pass")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
@@ -32,8 +42,9 @@ def get_args(argv=None):
     return args
 
 
-def run_rows(out, opacities, seed, batch_size):
-    """One row per opacity for the chain in `out`: validation P-AUROC / AUPRO of CRD and of the residual."""
+def run_rows(out, opacities, seed, batch_size, sizes=None):
+    """One row per (opacity, size) for the chain in `out`: validation P-AUROC / AUPRO of CRD and of the residual.
+    sizes None: the run's own --anomaly_size."""
     chain = stage3_crd.load_chain(out)
     crd, ck = stage3_crd.crd_of(chain, out)
     rcae, dpn = chain["stage1_rcae"][0], chain["stage2_dpn"][0]
@@ -45,12 +56,32 @@ def run_rows(out, opacities, seed, batch_size):
     metrics = Path(out) / "metrics.json"
     test = json.loads(metrics.read_text())["variants"] if metrics.is_file() else {}
     rows = []
-    for opacity in opacities:
-        val = stage3_crd.validation_set(holdout, argparse.Namespace(anomaly_size=a.anomaly_size, opacity=opacity), seed)
+    for opacity, size in itertools.product(opacities, sizes or [a.anomaly_size]):
+        val = stage3_crd.validation_set(holdout, argparse.Namespace(anomaly_size=size, opacity=opacity), seed)
         r = stage3_crd.validate(crd, rcae, dpn, val, batch_size=batch_size, amp=a.amp)
-        rows.append({"out": str(out), "opacity": opacity, "trained_opacity": a.opacity, "anomaly_size": a.anomaly_size,
-                     "val": r, "test": {k: {m: v.get(m) for m in ("i_auroc", "p_auroc", "aupro")} for k, v in test.items()}})
+        rows.append({"out": str(out), "data": str(a.data), "opacity": opacity, "anomaly_size": size, "trained_opacity": a.opacity,
+                     "trained_anomaly_size": a.anomaly_size, "val": r,
+                     "test": {k: {m: v.get(m) for m in ("i_auroc", "p_auroc", "aupro")} for k, v in test.items()}})
     return rows
+
+
+def agreement(rows):
+    """Per category and validation setting (opacity, size), over the runs with test metrics: Spearman's rank correlation
+    of CRD's validation P-AUROC / AUPRO with its test P-AUROC / AUPRO. 1: it orders the chains as the test split
+    does; -1: the reverse. None with fewer than 3 runs."""
+    out = []
+    for (data, opacity, size), group in itertools.groupby(sorted(rows, key=setting), key=setting):
+        group = [r for r in group if r["test"].get("crd", {}).get("aupro") is not None]
+        res = {"data": data, "opacity": opacity, "anomaly_size": size, "runs": len(group)}
+        for m in ("p_auroc", "aupro"):
+            val, test = [r["val"][m] for r in group], [r["test"]["crd"][m] for r in group]
+            res[f"spearman_{m}"] = float(stats.spearmanr(val, test)[0]) if len(group) >= 3 else None
+        out.append(res)
+    return out
+
+
+def setting(row):
+    return row["data"], row["opacity"], row["anomaly_size"]
 
 
 def pct(v):
@@ -59,15 +90,25 @@ def pct(v):
 
 def main(argv=None):
     args = get_args(argv)
-    rows = [r for out in args.out for r in run_rows(out, args.opacity, args.seed, args.batch_size)]
-    print("run | opacity | val CRD P-AUROC / AUPRO | val residual P-AUROC / AUPRO | test crd P-AUROC / AUPRO")
+    rows, t0 = [], time.time()
+    for i, out in enumerate(args.out, 1):
+        rows += run_rows(out, args.opacity, args.seed, args.batch_size, args.anomaly_size)
+        per_run = (time.time() - t0) / i
+        print(f"revalidate: {i}/{len(args.out)} runs ({out}), {per_run:.0f} s a run, ETA {per_run * (len(args.out) - i):.0f} s",
+              file=sys.stderr, flush=True)
+    print("run | opacity | size | val CRD P-AUROC / AUPRO | val residual P-AUROC / AUPRO | test crd P-AUROC / AUPRO")
     for r in rows:
         v, t = r["val"], r["test"].get("crd", {})
-        print(f"{r['out']} | {r['opacity']} | {pct(v['p_auroc'])} / {pct(v['aupro'])} | "
+        print(f"{r['out']} | {r['opacity']} | {r['anomaly_size']} | {pct(v['p_auroc'])} / {pct(v['aupro'])} | "
               f"{pct(v['residual_p_auroc'])} / {pct(v['residual_aupro'])} | {pct(t.get('p_auroc'))} / {pct(t.get('aupro'))}")
+    agree = agreement(rows)
+    print("validation setting | runs | Spearman val/test P-AUROC | AUPRO (1: ranks the chains as the test split does)")
+    for a in agree:
+        rho = ["  -  " if a[k] is None else f"{a[k]:+.2f}" for k in ("spearman_p_auroc", "spearman_aupro")]
+        print(f"{Path(a['data']).name}: {a['opacity']}, {a['anomaly_size']} | {a['runs']} | {rho[0]} | {rho[1]}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": rows, "agreement": agree}, indent=1))
         print(f"revalidate: wrote {args.json}")
 
 

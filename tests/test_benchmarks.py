@@ -142,11 +142,30 @@ def test_revalidate_redraws_stage3s_validation(toy_data, tmp_path):
     logged = [json.loads(line)["val"] for line in (tmp_path / "stage3_crd.log.jsonl").read_text().splitlines()
               if "val" in json.loads(line)][-1]
     revalidate.main(["--out", str(tmp_path), "--json", str(tmp_path / "rv.json")])
-    rows = {r["opacity"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())}
+    rows = {r["opacity"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())["rows"]}
     assert set(rows) == set(common.OPACITIES)
     for k in ("p_auroc", "aupro", "residual_p_auroc", "residual_aupro"):
         assert rows["strong"][k] == pytest.approx(logged[k], abs=1e-6)
     assert rows["draem"]["p_auroc"] != pytest.approx(rows["strong"]["p_auroc"], abs=1e-6)
+    revalidate.main(["--out", str(tmp_path), "--opacity", "strong", "--anomaly_size", "relative", "scaled",
+                     "--json", str(tmp_path / "rv.json")])
+    rows = {r["anomaly_size"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())["rows"]}
+    assert rows["relative"]["p_auroc"] == pytest.approx(logged["p_auroc"], abs=1e-6)
+    assert rows["scaled"]["anomalous_px"] < rows["relative"]["anomalous_px"]  # smaller pseudo anomalies
+
+
+def test_revalidate_agreement_ranks_chains_like_the_test_split():
+    """Spearman's rho per category and setting: +1 when the validation orders the runs as the test split does,
+    -1 when it reverses them; a category with fewer than 3 runs gets none."""
+    def row(out, data, val, test):
+        return {"out": out, "data": data, "opacity": "strong", "anomaly_size": "relative",
+                "val": {"p_auroc": val, "aupro": val}, "test": {"crd": {"p_auroc": test, "aupro": 1 - test}}}
+    rows = [row(f"r{i}", "bs", v, t) for i, (v, t) in enumerate([(0.9, 0.8), (0.7, 0.6), (0.5, 0.7)])]
+    rows += [row("m0", "mt", 0.5, 0.5), row("m1", "mt", 0.6, 0.6)]
+    agree = {a["data"]: a for a in revalidate.agreement(rows)}
+    assert agree["bs"]["runs"] == 3 and agree["bs"]["spearman_p_auroc"] == pytest.approx(0.5)
+    assert agree["bs"]["spearman_aupro"] == pytest.approx(-0.5)  # test AUPRO = 1 - test P-AUROC: reversed
+    assert agree["mt"]["spearman_p_auroc"] is None
 
 def test_code_fit_scores_what_the_code_holds():
     """A code of the blocks' top-C principal components reaches the PCA bound with a 1x1 affine decoder; a code
