@@ -453,6 +453,7 @@ ANOMALY_SIZES = ("scaled", "pixels", "relative")
 # ("DRAEM - A discriminatively trained reconstruction embedding for surface anomaly detection", ICCV 2021),
 # so faint anomalies are drawn too, as real defects often are.
 OPACITIES = ("strong", "draem")
+ANOMALY_KINDS = ("colour", "paste", "crack")  # pseudo_anomaly's kinds; this order keeps the stream of a draw of all three
 MIN_VISIBLE = 0.5  # a masked pixel changed by more than this fraction of the image's intensity std
 
 
@@ -462,7 +463,7 @@ def _is_gray(img):
 
 
 def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=1024, size_mode="scaled",
-                   opacity="strong"):
+                   opacity="strong", kinds=ANOMALY_KINDS):
     """Paste pseudo anomalies into one image (paper, "Training Strategy"; README, "Reading the paper").
 
     img: (C, H, W) float in [0, 1]; gen: torch.Generator, the only source of randomness.
@@ -473,7 +474,9 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
       "pixels"   the paper's sizes in pixels of the training resolution, whatever it is;
       "relative" block sides of 1/8, 1/4 or 1/2 of the image, cracks 0.2-0.6 of it (DRAEM-like sizes).
     Colours stay in the image's colour space: a grayscale image gets gray anomalies. `opacity` (OPACITIES)
-    says how strongly each kind is blended over the image.
+    says how strongly each kind is blended over the image. `kinds` (a subset of ANOMALY_KINDS) are the kinds
+    drawn, with equal chance; all three (the default) is what every stage trains on, and draws the same stream
+    as before the option existed (benchmarks.revalidate validates on one kind at a time).
     Returns (image (C, H, W), mask (1, H, W) float). The mask marks the changed pixels that are visible:
     changed by more than MIN_VISIBLE x the image's intensity std (at least 1/255), so a patch pasted onto
     similar texture is not labelled as an anomaly nobody could see.
@@ -498,8 +501,8 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
         s = min(h, w, max(4, round(block_sizes[int(torch.randint(len(block_sizes), (1,), generator=gen))] * scale)))
         y = int(torch.randint(0, h - s + 1, (1,), generator=gen))
         x = int(torch.randint(0, w - s + 1, (1,), generator=gen))
-        kind = int(torch.randint(3, (1,), generator=gen))
-        if kind == 2:  # crack-like random lines, drawn in one random colour
+        kind = kinds[int(torch.randint(len(kinds), (1,), generator=gen))]
+        if kind == "crack":  # crack-like random lines, drawn in one random colour
             m = _crack(h, w, y + s / 2, x + s / 2, scale, gen)
             a = alpha(1.0)  # opaque under "strong"
             out[:, m] = blend(out[:, m], colour(1), a)
@@ -508,7 +511,7 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
         coverage = 0.05 + 0.95 * float(torch.rand(1, generator=gen))
         m = _blob(s, coverage, gen)
         block = out[:, y:y + s, x:x + s]
-        if kind == 0:  # random colour block, blended
+        if kind == "colour":  # random colour block, blended
             a = alpha(0.5)
             patch = blend(block, colour(1, 1), a)
         else:  # copy & paste a patch from elsewhere in the same image
@@ -521,14 +524,14 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
     return out, (region & visible)[None].float()
 
 
-def augment_batch(x, gen, prob, size_mode="scaled", opacity="strong"):
+def augment_batch(x, gen, prob, size_mode="scaled", opacity="strong", kinds=ANOMALY_KINDS):
     """Pseudo anomalies on each image of a batch with probability `prob`.
 
     x: (B, C, H, W) float in [0, 1] -> (images (B, C, H, W), masks (B, 1, H, W))."""
     out, masks = x.clone(), torch.zeros_like(x[:, :1])
     for i in range(len(x)):
         if float(torch.rand(1, generator=gen)) < prob:
-            out[i], masks[i] = pseudo_anomaly(x[i], gen, size_mode=size_mode, opacity=opacity)
+            out[i], masks[i] = pseudo_anomaly(x[i], gen, size_mode=size_mode, opacity=opacity, kinds=kinds)
     return out, masks
 
 

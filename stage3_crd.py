@@ -265,7 +265,8 @@ def validation_set(images, args, seed=0):
     stream no training stage uses, with a fixed seed: the same set for every run with these settings."""
     gen = torch.Generator().manual_seed(common.stream_seed(VAL_STREAM, seed, 0))
     # images (M, C, H, W), masks (M, 1, H, W)
-    return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size, args.opacity)
+    kinds = getattr(args, "anomaly_kinds", None) or common.ANOMALY_KINDS  # all (benchmarks.revalidate may pick one)
+    return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size, args.opacity, kinds)
 
 
 @torch.no_grad()

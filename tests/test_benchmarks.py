@@ -152,6 +152,11 @@ def test_revalidate_redraws_stage3s_validation(toy_data, tmp_path):
     rows = {r["anomaly_size"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())["rows"]}
     assert rows["relative"]["p_auroc"] == pytest.approx(logged["p_auroc"], abs=1e-6)
     assert rows["scaled"]["anomalous_px"] < rows["relative"]["anomalous_px"]  # smaller pseudo anomalies
+    revalidate.main(["--out", str(tmp_path), "--opacity", "strong", "--anomaly_kind", "all", "crack",
+                     "--json", str(tmp_path / "rv.json")])
+    rows = {r["anomaly_kind"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())["rows"]}
+    assert rows["all"]["p_auroc"] == pytest.approx(logged["p_auroc"], abs=1e-6)
+    assert rows["crack"]["anomalous_px"] != pytest.approx(rows["all"]["anomalous_px"])  # cracks only: other masks
 
 
 def test_revalidate_agreement_ranks_chains_like_the_test_split():

@@ -271,6 +271,20 @@ def test_pseudo_anomaly_mask_leaves_out_invisible_changes():
     assert tiny > 0  # such changes happened, and the masks left them out
 
 
+def test_pseudo_anomaly_kinds():
+    """One kind at a time: on a constant image a pasted patch (a copy of the same image) changes nothing, a colour
+    block or a crack does; all three kinds (the default) draw exactly the stream of naming them all."""
+    flat = torch.full((3, 32, 32), 0.5)
+    for seed in range(10):
+        g = lambda: torch.Generator().manual_seed(seed)
+        assert torch.equal(common.pseudo_anomaly(flat, g(), kinds=("paste",))[0], flat)
+        for kind in ("colour", "crack"):
+            assert common.pseudo_anomaly(flat, g(), size_mode="relative", kinds=(kind,))[1].sum() > 0
+        img = torch.rand(3, 32, 32, generator=g())
+        a, b = common.pseudo_anomaly(img, g()), common.pseudo_anomaly(img, g(), kinds=common.ANOMALY_KINDS)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 def test_gray_images_get_gray_pseudo_anomalies():
     gray = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(0)).expand(3, 64, 64).contiguous()
     colour = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
