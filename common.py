@@ -453,7 +453,7 @@ ANOMALY_SIZES = ("scaled", "pixels", "relative")
 # ("DRAEM - A discriminatively trained reconstruction embedding for surface anomaly detection", ICCV 2021),
 # so faint anomalies are drawn too, as real defects often are.
 OPACITIES = ("strong", "draem")
-ANOMALY_KINDS = ("colour", "paste", "crack")  # pseudo_anomaly's kinds; this order keeps the stream of a draw of all three
+ANOMALY_KINDS = ("colour", "paste", "crack")  # pseudo_anomaly's kinds; in this order all three draw the old stream
 MIN_VISIBLE = 0.5  # a masked pixel changed by more than this fraction of the image's intensity std
 
 

@@ -71,9 +71,9 @@ def run_rows(out, opacities, seed, batch_size, sizes=None, kinds=("all",)):
 
 
 def agreement(rows):
-    """Per category and validation setting (opacity, size, kind), over the runs with test metrics: Spearman's rank correlation
-    of CRD's validation P-AUROC / AUPRO with its test P-AUROC / AUPRO. 1: it orders the chains as the test split
-    does; -1: the reverse. None with fewer than 3 runs."""
+    """Per category and validation setting (opacity, size, kind), over the runs with test metrics: Spearman's
+    rank correlation of CRD's validation P-AUROC / AUPRO with its test P-AUROC / AUPRO. 1: it orders the chains
+    as the test split does; -1: the reverse. None with fewer than 3 runs."""
     out = []
     for (data, opacity, size, kind), group in itertools.groupby(sorted(rows, key=setting), key=setting):
         group = [r for r in group if r["test"].get("crd", {}).get("aupro") is not None]
@@ -99,18 +99,19 @@ def main(argv=None):
     for i, out in enumerate(args.out, 1):
         rows += run_rows(out, args.opacity, args.seed, args.batch_size, args.anomaly_size, args.anomaly_kind)
         per_run = (time.time() - t0) / i
-        print(f"revalidate: {i}/{len(args.out)} runs ({out}), {per_run:.0f} s a run, ETA {per_run * (len(args.out) - i):.0f} s",
-              file=sys.stderr, flush=True)
+        print(f"revalidate: {i}/{len(args.out)} runs ({out}), {per_run:.0f} s a run, "
+              f"ETA {per_run * (len(args.out) - i):.0f} s", file=sys.stderr, flush=True)
     print("run | opacity | size | kind | val CRD P-AUROC / AUPRO | val residual P-AUROC / AUPRO | test crd P-AUROC / AUPRO")
     for r in rows:
         v, t = r["val"], r["test"].get("crd", {})
-        print(f"{r['out']} | {r['opacity']} | {r['anomaly_size']} | {r['anomaly_kind']} | {pct(v['p_auroc'])} / {pct(v['aupro'])} | "
-              f"{pct(v['residual_p_auroc'])} / {pct(v['residual_aupro'])} | {pct(t.get('p_auroc'))} / {pct(t.get('aupro'))}")
+        print(f"{r['out']} | {r['opacity']} | {r['anomaly_size']} | {r['anomaly_kind']} | "
+              f"{pct(v['p_auroc'])} / {pct(v['aupro'])} | {pct(v['residual_p_auroc'])} / {pct(v['residual_aupro'])} | {pct(t.get('p_auroc'))} / {pct(t.get('aupro'))}")
     agree = agreement(rows)
     print("validation setting | runs | Spearman val/test P-AUROC | AUPRO (1: ranks the chains as the test split does)")
     for a in agree:
         rho = ["  -  " if a[k] is None else f"{a[k]:+.2f}" for k in ("spearman_p_auroc", "spearman_aupro")]
-        print(f"{Path(a['data']).name}: {a['opacity']}, {a['anomaly_size']}, {a['anomaly_kind']} | {a['runs']} | {rho[0]} | {rho[1]}")
+        print(f"{Path(a['data']).name}: {a['opacity']}, {a['anomaly_size']}, {a['anomaly_kind']} | {a['runs']} | "
+              f"{rho[0]} | {rho[1]}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows, "agreement": agree}, indent=1))
