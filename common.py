@@ -446,6 +446,16 @@ def _crack(h, w, y, x, scale, gen):
     return F.max_pool2d(line, k, 1, k // 2)[0, 0] > 0  # thicken the 1-px line
 
 
+def _warp(block, gen, amplitude=0.25):
+    """block (C, s, s) resampled along a smooth random displacement field of up to `amplitude` of the block's
+    half-side (bilinear, border-clamped): the same texture and intensities, moved. -> (C, s, s)."""
+    s = block.shape[-1]
+    flow = F.interpolate(torch.rand(1, 2, 3, 3, generator=gen) * 2 - 1, size=(s, s), mode="bicubic",
+                         align_corners=False).permute(0, 2, 3, 1)  # (1, s, s, 2)
+    grid = F.affine_grid(torch.eye(2, 3)[None], (1, 1, s, s), align_corners=False)  # (1, s, s, 2) identity
+    return F.grid_sample(block[None], grid + amplitude * flow, padding_mode="border", align_corners=False)[0]
+
+
 ANOMALY_SIZES = ("scaled", "pixels", "relative")
 # --opacity: how strongly a pseudo anomaly is blended over the image, alpha * anomaly + (1 - alpha) * image.
 # "strong" (our first reading; the paper gives no opacity): colour blocks at alpha ~ U[0.5, 1], pastes and
@@ -454,6 +464,7 @@ ANOMALY_SIZES = ("scaled", "pixels", "relative")
 # so faint anomalies are drawn too, as real defects often are.
 OPACITIES = ("strong", "draem")
 ANOMALY_KINDS = ("colour", "paste", "crack")  # pseudo_anomaly's kinds; in this order all three draw the old stream
+WARP = "warp"  # a kind no stage trains on, for validations only (benchmarks.revalidate --anomaly_kind warp)
 MIN_VISIBLE = 0.5  # a masked pixel changed by more than this fraction of the image's intensity std
 
 
@@ -476,7 +487,8 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
     Colours stay in the image's colour space: a grayscale image gets gray anomalies. `opacity` (OPACITIES)
     says how strongly each kind is blended over the image. `kinds` (a subset of ANOMALY_KINDS) are the kinds
     drawn, with equal chance; all three (the default) is what every stage trains on, and draws the same stream
-    as before the option existed (benchmarks.revalidate validates on one kind at a time).
+    as before the option existed (benchmarks.revalidate validates on one kind at a time). WARP, a fourth kind
+    for validations only, moves the block's own texture along a smooth random field (geometry, no new intensities).
     Returns (image (C, H, W), mask (1, H, W) float). The mask marks the changed pixels that are visible:
     changed by more than MIN_VISIBLE x the image's intensity std (at least 1/255), so a patch pasted onto
     similar texture is not labelled as an anomaly nobody could see.
@@ -514,6 +526,8 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
         if kind == "colour":  # random colour block, blended
             a = alpha(0.5)
             patch = blend(block, colour(1, 1), a)
+        elif kind == WARP:  # the block's own content displaced by a smooth random field: a dent, a bent thread
+            patch = blend(block, _warp(block, gen), alpha(1.0))
         else:  # copy & paste a patch from elsewhere in the same image
             sy = int(torch.randint(0, h - s + 1, (1,), generator=gen))
             sx = int(torch.randint(0, w - s + 1, (1,), generator=gen))

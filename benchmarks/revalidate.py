@@ -34,8 +34,9 @@ def get_args(argv=None):
                    help="validation sets to draw: how strongly the pseudo anomalies are blended in")
     p.add_argument("--anomaly_size", nargs="+", choices=common.ANOMALY_SIZES, default=None,
                    help="validation sets to draw: pseudo-anomaly sizes (default: each run's own --anomaly_size)")
-    p.add_argument("--anomaly_kind", nargs="+", choices=["all", *common.ANOMALY_KINDS], default=["all"],
-                   help="validation sets to draw: every kind of pseudo anomaly (all: stage 3's validation) or one")
+    p.add_argument("--anomaly_kind", nargs="+", choices=["all", *common.ANOMALY_KINDS, common.WARP],
+                   default=["all"], help="validation sets to draw: every kind of pseudo anomaly (all: stage 3's "
+                                         "validation) or one; warp is drawn by no training stage")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation draws (stage 3 always validates on seed 0, whatever its --seed)")
     p.add_argument("--batch_size", type=int, default=8, help="holdout images per forward pass")
     p.add_argument("--json", default=None, help="write the rows as JSON here")

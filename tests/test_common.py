@@ -283,6 +283,11 @@ def test_pseudo_anomaly_kinds():
         img = torch.rand(3, 32, 32, generator=g())
         a, b = common.pseudo_anomaly(img, g()), common.pseudo_anomaly(img, g(), kinds=common.ANOMALY_KINDS)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        # a warp moves the image's own texture: a visible change, no intensity the image does not have
+        out, mask = common.pseudo_anomaly(flat, g(), kinds=(common.WARP,))
+        assert torch.allclose(out, flat, atol=1e-6) and mask.sum() == 0
+        out, mask = common.pseudo_anomaly(img, g(), size_mode="relative", kinds=(common.WARP,))
+        assert mask.sum() > 0 and out.min() >= img.min() - 1e-6 and out.max() <= img.max() + 1e-6
 
 
 def test_gray_images_get_gray_pseudo_anomalies():
