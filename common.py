@@ -485,8 +485,8 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
       "pixels"   the paper's sizes in pixels of the training resolution, whatever it is;
       "relative" block sides of 1/8, 1/4 or 1/2 of the image, cracks 0.2-0.6 of it (DRAEM-like sizes).
     Colours stay in the image's colour space: a grayscale image gets gray anomalies. `opacity` (OPACITIES)
-    says how strongly each kind is blended over the image. `kinds` (a subset of ANOMALY_KINDS) are the kinds
-    drawn, with equal chance; all three (the default) is what every stage trains on, and draws the same stream
+    says how strongly each kind is blended over the image. `kinds` (names from ANOMALY_KINDS and WARP) are the
+    kinds drawn, with equal chance; all three (the default) is what every stage trains on, and draws the same stream
     as before the option existed (benchmarks.revalidate validates on one kind at a time). WARP, a fourth kind
     for validations only, moves the block's own texture along a smooth random field (geometry, no new intensities).
     Returns (image (C, H, W), mask (1, H, W) float). The mask marks the changed pixels that are visible:

@@ -260,12 +260,12 @@ def loss_fn(net, b, rcae, dpn, depths, kind="image", loss="l2"):
 VAL_STREAM = "validation"  # the pseudo-anomaly stream of the validation: no training stage draws it
 
 
-def validation_set(images, args, seed=0):
+def validation_set(images, args, seed=0, kinds=common.ANOMALY_KINDS):
     """The holdout normal images (uint8 (M, C, H, W)) with pseudo anomalies on every image, drawn from a
-    stream no training stage uses, with a fixed seed: the same set for every run with these settings."""
+    stream no training stage uses, with a fixed seed: the same set for every run with these settings. `kinds`:
+    the pseudo-anomaly kinds drawn, all three as in training (benchmarks.revalidate also draws one at a time)."""
     gen = torch.Generator().manual_seed(common.stream_seed(VAL_STREAM, seed, 0))
     # images (M, C, H, W), masks (M, 1, H, W)
-    kinds = getattr(args, "anomaly_kinds", None) or common.ANOMALY_KINDS  # all (benchmarks.revalidate may pick one)
     return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size, args.opacity, kinds)
 
 

@@ -61,8 +61,7 @@ def run_rows(out, opacities, seed, batch_size, sizes=None, kinds=("all",)):
     rows = []
     for opacity, size, kind in itertools.product(opacities, sizes or [a.anomaly_size], kinds):
         drawn = common.ANOMALY_KINDS if kind == "all" else (kind,)
-        val = stage3_crd.validation_set(holdout, argparse.Namespace(anomaly_size=size, opacity=opacity,
-                                                                    anomaly_kinds=drawn), seed)
+        val = stage3_crd.validation_set(holdout, argparse.Namespace(anomaly_size=size, opacity=opacity), seed, drawn)
         r = stage3_crd.validate(crd, rcae, dpn, val, batch_size=batch_size, amp=a.amp)
         rows.append({"out": str(out), "data": str(a.data), "opacity": opacity, "anomaly_size": size,
                      "anomaly_kind": kind, "trained_opacity": a.opacity,
@@ -87,7 +86,7 @@ def agreement(rows):
 
 
 def setting(row):
-    return row["data"], row["opacity"], row["anomaly_size"], row.get("anomaly_kind", "all")
+    return row["data"], row["opacity"], row["anomaly_size"], row["anomaly_kind"]
 
 
 def pct(v):
@@ -106,7 +105,8 @@ def main(argv=None):
     for r in rows:
         v, t = r["val"], r["test"].get("crd", {})
         print(f"{r['out']} | {r['opacity']} | {r['anomaly_size']} | {r['anomaly_kind']} | "
-              f"{pct(v['p_auroc'])} / {pct(v['aupro'])} | {pct(v['residual_p_auroc'])} / {pct(v['residual_aupro'])} | {pct(t.get('p_auroc'))} / {pct(t.get('aupro'))}")
+              f"{pct(v['p_auroc'])} / {pct(v['aupro'])} | {pct(v['residual_p_auroc'])} / {pct(v['residual_aupro'])} | "
+              f"{pct(t.get('p_auroc'))} / {pct(t.get('aupro'))}")
     agree = agreement(rows)
     print("validation setting | runs | Spearman val/test P-AUROC | AUPRO (1: ranks the chains as the test split does)")
     for a in agree:
