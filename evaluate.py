@@ -43,7 +43,9 @@ anomalous image with a mask for the pixel metrics):
      "variants": {name: {"method": "rcae"|"fair", "i_auroc", "p_auroc", "aupro": float|null in [0, 1],
                          "best_f1": float|null, "best_f1_threshold": float|null, "images_per_s": float,
                          "peak_mem_mb": float|null, "params": int (all stages it uses), "image_size": int,
-                         "n_images", "n_anomalous", "n_pixel_images", "n_pixel_anomalous": int}},
+                         "n_images", "n_anomalous", "n_pixel_images", "n_pixel_anomalous": int,
+                         "per_defect": {kind: {"n_images": int, "i_auroc", "p_auroc", "aupro": float|null}}:
+                         each defect kind (test folder) against all normal images; {} with one kind}},
      "calibrated_threshold": null | {"variant": "crd", "image_threshold", "topk_frac", "quantile",
                                      "tpr", "fpr", "f1": the test split judged at that threshold}}
 Running one --method replaces that method's variants and keeps the other's.
@@ -338,6 +340,24 @@ def metrics_of(labels, masks, maps, scores):
             "aupro": aupro(masks, maps), "best_f1": f1, "best_f1_threshold": thr}
 
 
+def per_defect(defects, labels, pix, masks, maps, scores):
+    """Each defect kind against the normal images: {kind: {"n_images", "i_auroc", "p_auroc", "aupro"}}, {} with
+    fewer than two kinds (the whole split says it). defects (M,) kind names, labels (M,), scores (M,); masks and
+    maps hold the images `pix` (those with pixel ground truth), as metrics_of takes them."""
+    defects, labels = np.asarray(defects), np.asarray(labels)
+    kinds = sorted(set(defects[labels == 1]))
+    if len(kinds) < 2:
+        return {}
+    out = {}
+    for kind in kinds:
+        keep = (defects == kind) | (labels == 0)  # (M,) this kind and every normal image
+        sel = np.flatnonzero(keep[pix])  # positions in masks / maps
+        pick = (lambda a: a[sel]) if isinstance(masks, np.ndarray) else (lambda a: [a[j] for j in sel])
+        out[kind] = {"n_images": int((defects == kind).sum()), "i_auroc": image_auroc(labels[keep], scores[keep]),
+                     "p_auroc": pixel_auroc(pick(masks), pick(maps)), "aupro": aupro(pick(masks), pick(maps))}
+    return out
+
+
 def resize_of(st):
     """How the stages turned images into squares (--resize of stage 1; squash before the flag existed)."""
     ck = next(iter(st.values()))[1]
@@ -405,6 +425,7 @@ def evaluate_category(data, out, args):
     depth = st["stage1_rcae"][1]["model_config"]["depth"] if "stage1_rcae" in st else None
     split = common.load_split(str(data), "test", size, args.workers, resize_of(st))
     labels = split.labels.numpy()  # (M,)
+    defects = [smp.defect for smp in split.samples]  # (M,) "good" or the defect kind (its test folder)
     pix = np.flatnonzero(split.has_mask.numpy())  # the images whose pixel ground truth is known
     n_anom, n_pix_anom = int(labels.sum()), int(labels[pix].sum())
     counts = {"n_images": len(labels), "n_anomalous": n_anom, "n_pixel_images": len(pix),
@@ -430,7 +451,8 @@ def evaluate_category(data, out, args):
             gt = match_masks(gt, m.shape[-2:], note)
         variants[name] = {"method": args.method, **metrics_of(labels, gt, m, s),
                           "images_per_s": len(labels) / seconds, "peak_mem_mb": mem,
-                          "params": sum(params[k] for k in variant_stages(name)), "image_size": size, **counts}
+                          "params": sum(params[k] for k in variant_stages(name)), "image_size": size, **counts,
+                          "per_defect": per_defect(defects, labels, pix, gt, m, s)}
         scores[name] = s.tolist()
         fig_maps[name] = (maps[fig_idx], float(maps.max()))
     calib = None
@@ -469,17 +491,29 @@ def evaluate_category(data, out, args):
     return _null(res)
 
 
+def _print_rows(rows):
+    """A text table: the first row is the header, the first column left-aligned, the others right."""
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print(" | ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)))
+        if j == 0:
+            print("-+-".join("-" * x for x in w))
+
+
 def print_table(res):
     rows = [("variant", "I-AUROC", "P-AUROC", "AUPRO", "img/s", "params")]
     pct = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"  # noqa: E731
     for name, v in res["variants"].items():
         rows.append((name, pct(v["i_auroc"]), pct(v["p_auroc"]), pct(v["aupro"]), f"{v['images_per_s']:.1f}",
                      f"{v['params']:,}"))
-    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        print(" | ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)))
-        if j == 0:
-            print("-+-".join("-" * x for x in w))
+    _print_rows(rows)
+    per = {n: v["per_defect"] for n, v in res["variants"].items() if v.get("per_defect")}
+    if per:  # each defect kind against the normal images
+        kinds = sorted({k for d in per.values() for k in d})
+        n_of = {k: d[k]["n_images"] for d in per.values() for k in d}
+        cell = lambda d: "/".join(pct(d[m]) for m in ("i_auroc", "p_auroc", "aupro")) if d else "-"  # noqa: E731
+        _print_rows([("defect kind (images)", *(f"{n} I/P/AUPRO" for n in per))]
+                    + [(f"{k} ({n_of[k]})", *(cell(d.get(k)) for d in per.values())) for k in kinds])
     if res.get("n_pixel_images", res["n_images"]) < res["n_images"]:
         print(f"P-AUROC and AUPRO over the {res['n_pixel_images']} of {res['n_images']} images with pixel ground "
               f"truth ({res['n_pixel_anomalous']} of {res['n_anomalous']} anomalous images have a mask)")

@@ -122,6 +122,33 @@ def test_best_f1():
     assert (f1, t) == pytest.approx(brute) == (0.8, 0.2)
 
 
+def test_per_defect_scores_each_kind_against_the_normal_images():
+    """Kind a is found perfectly, kind b upside down: each kind's metrics see only it and the normal images.
+    One b image has no mask: it counts for the images, not for the pixels. The kinds are interleaved."""
+    defects = np.array(["good", "a", "b", "good", "b", "a", "good", "b", "good"])
+    labels = (defects != "good").astype(int)
+    pix = np.array([0, 1, 3, 4, 5, 6, 7, 8])  # image 2 (a b) has no pixel ground truth
+    rng = np.random.default_rng(0)
+    masks = np.zeros((8, 8, 8), bool)  # masks and maps hold the images pix
+    masks[labels[pix] == 1, 2:5, 2:5] = True
+    maps = rng.uniform(0.4, 0.6, (8, 8, 8))
+    a, b = defects[pix] == "a", defects[pix] == "b"
+    maps[a] = np.where(masks[a], 0.9, 0.1)  # a: its region above every normal pixel
+    maps[b] = np.where(masks[b], 0.0, 0.5)  # b: its region below every pixel
+    scores = np.select([defects == "a", defects == "b"], [0.9, 0.1], 0.5)
+    r = evaluate.per_defect(defects, labels, pix, masks, maps, scores)
+    assert sorted(r) == ["a", "b"] and (r["a"]["n_images"], r["b"]["n_images"]) == (2, 3)
+    assert r["a"]["i_auroc"] == r["a"]["p_auroc"] == r["a"]["aupro"] == 1.0
+    assert r["b"]["i_auroc"] == r["b"]["p_auroc"] == r["b"]["aupro"] == 0.0
+    whole = evaluate.metrics_of(labels, masks, maps, scores)  # both kinds pooled: in between
+    assert 0 < whole["p_auroc"] < 1 and 0 < whole["i_auroc"] < 1
+    as_lists = evaluate.per_defect(defects, labels, pix, list(masks), list(maps), scores)  # images of several sizes
+    assert as_lists == r
+    one = defects != "b"
+    assert evaluate.per_defect(defects[one], labels[one], np.arange(one.sum()), masks[one[pix]], maps[one[pix]],
+                               scores[one]) == {}  # one kind: the whole split says it
+
+
 def test_gaussian_blur_matches_scipy():
     import torch
     m = np.random.default_rng(0).random((2, 1, 40, 40)).astype(np.float32)
@@ -173,6 +200,25 @@ def test_stage1_metrics_json(toy_data, trained):
     assert m["variants"]["rcae"]["i_auroc"] == pytest.approx(roc_auc_score(s["labels"], s["scores"]["rcae"]))
     assert (trained / "figures" / "roc.png").is_file()
     assert len(list((trained / "figures").glob("rcae_*.png"))) == 2  # one normal, one anomalous
+
+
+def test_per_defect_kinds_in_metrics_json(toy_data, trained, tmp_path, capsys):
+    """A category with two defect folders: metrics.json and the printed table break the metrics down by kind."""
+    data = tmp_path / "toy"
+    shutil.copytree(toy_data, data)
+    for sub in ("test", "ground_truth"):  # half of test/defect (and its masks) becomes test/dent
+        moved = sorted((data / sub / "defect").iterdir())[:3]
+        (data / sub / "dent").mkdir()
+        for f in moved:
+            f.rename(data / sub / "dent" / f.name)
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(trained / "stage1_rcae.pt", out)
+    evaluate.main(["--data", str(data), "--out", str(out), *FAST])
+    per = json.loads((out / "metrics.json").read_text())["variants"]["rcae"]["per_defect"]
+    assert sorted(per) == ["defect", "dent"] and per["dent"]["n_images"] == per["defect"]["n_images"] == 3
+    assert all(0 <= per[k][m] <= 1 for k in per for m in ("i_auroc", "p_auroc", "aupro"))
+    assert "dent (3)" in capsys.readouterr().out
 
 
 def test_missing_checkpoint_names_the_stage_command(toy_data, tmp_path):
