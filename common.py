@@ -447,12 +447,12 @@ def _crack(h, w, y, x, scale, gen):
 
 
 def _warp(block, gen, amplitude=0.25):
-    """block (C, s, s) resampled along a smooth random displacement field of up to `amplitude` of the block's
-    half-side (bilinear, border-clamped): the same texture and intensities, moved. -> (C, s, s)."""
-    s = block.shape[-1]
-    flow = F.interpolate(torch.rand(1, 2, 3, 3, generator=gen) * 2 - 1, size=(s, s), mode="bicubic",
-                         align_corners=False).permute(0, 2, 3, 1)  # (1, s, s, 2)
-    grid = F.affine_grid(torch.eye(2, 3)[None], (1, 1, s, s), align_corners=False)  # (1, s, s, 2) identity
+    """block (C, h, w) resampled along a smooth random displacement field of up to `amplitude` of the block's
+    half-sides (bilinear, border-clamped): the same texture and intensities, moved. -> (C, h, w)."""
+    h, w = block.shape[-2:]
+    flow = F.interpolate(torch.rand(1, 2, 3, 3, generator=gen) * 2 - 1, size=(h, w), mode="bicubic",
+                         align_corners=False).permute(0, 2, 3, 1)  # (1, h, w, 2)
+    grid = F.affine_grid(torch.eye(2, 3)[None], (1, 1, h, w), align_corners=False)  # (1, h, w, 2) identity
     return F.grid_sample(block[None], grid + amplitude * flow, padding_mode="border", align_corners=False)[0]
 
 
@@ -463,6 +463,11 @@ ANOMALY_SIZES = ("scaled", "pixels", "relative")
 # ("DRAEM - A discriminatively trained reconstruction embedding for surface anomaly detection", ICCV 2021),
 # so faint anomalies are drawn too, as real defects often are.
 OPACITIES = ("strong", "draem")
+# --anomaly_place: where a block goes. "inside" (our first reading of "a random place"): the whole block lies in
+# the image, so a pixel near the border is rarely covered (at 128 px with relative sizes 5-7% of the masked pixels
+# lie within 8 px of it, where a quarter of the image's area does). "anywhere": the block's centre is uniform over the
+# image and the border cuts the block, as DRAEM's anomaly masks (Perlin noise over the whole image) do.
+PLACES = ("inside", "anywhere")
 ANOMALY_KINDS = ("colour", "paste", "crack")  # pseudo_anomaly's kinds; in this order all three draw the old stream
 WARP = "warp"  # a kind no stage trains on, for validations only (benchmarks.revalidate --anomaly_kind warp)
 MIN_VISIBLE = 0.5  # a masked pixel changed by more than this fraction of the image's intensity std
@@ -474,7 +479,7 @@ def _is_gray(img):
 
 
 def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=1024, size_mode="scaled",
-                   opacity="strong", kinds=ANOMALY_KINDS):
+                   opacity="strong", kinds=ANOMALY_KINDS, place="inside"):
     """Paste pseudo anomalies into one image (paper, "Training Strategy"; README, "Reading the paper").
 
     img: (C, H, W) float in [0, 1]; gen: torch.Generator, the only source of randomness.
@@ -489,10 +494,16 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
     kinds drawn, with equal chance; all three (the default) is what every stage trains on, and draws the same stream
     as before the option existed (benchmarks.revalidate validates on one kind at a time). WARP, a fourth kind
     for validations only, moves the block's own texture along a smooth random field (geometry, no new intensities).
+    `place` (PLACES): "inside" keeps every block inside the image; "anywhere" centres it anywhere, the border
+    cutting it.
     Returns (image (C, H, W), mask (1, H, W) float). The mask marks the changed pixels that are visible:
     changed by more than MIN_VISIBLE x the image's intensity std (at least 1/255), so a patch pasted onto
     similar texture is not labelled as an anomaly nobody could see.
     """
+    unknown = sorted({*kinds} - {*ANOMALY_KINDS, WARP}) + ([place] if place not in PLACES else [])
+    if unknown or not kinds:
+        raise ValueError(f"pseudo_anomaly: unknown kinds or place {unknown or kinds}: kinds are "
+                         f"{(*ANOMALY_KINDS, WARP)}, places {PLACES}")
     c, h, w = img.shape
     scale = {"scaled": h / base_size, "pixels": 1.0, "relative": 4 * h / base_size}[size_mode]
     gray = _is_gray(img)
@@ -511,8 +522,14 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
     out, region = img.clone(), torch.zeros(h, w, dtype=torch.bool)
     for _ in range(int(torch.randint(1, max_blocks + 1, (1,), generator=gen))):
         s = min(h, w, max(4, round(block_sizes[int(torch.randint(len(block_sizes), (1,), generator=gen))] * scale)))
-        y = int(torch.randint(0, h - s + 1, (1,), generator=gen))
-        x = int(torch.randint(0, w - s + 1, (1,), generator=gen))
+        if place == "inside":
+            y = int(torch.randint(0, h - s + 1, (1,), generator=gen))
+            x = int(torch.randint(0, w - s + 1, (1,), generator=gen))
+        else:  # the centre anywhere: the block's top-left may lie above or left of the image
+            y = int(torch.randint(0, h, (1,), generator=gen)) - s // 2
+            x = int(torch.randint(0, w, (1,), generator=gen)) - s // 2
+        y0, y1, x0, x1 = max(y, 0), min(y + s, h), max(x, 0), min(x + s, w)  # the part in the image
+        cut = (slice(None), slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))  # that part in block coordinates
         kind = kinds[int(torch.randint(len(kinds), (1,), generator=gen))]
         if kind == "crack":  # crack-like random lines, drawn in one random colour
             m = _crack(h, w, y + s / 2, x + s / 2, scale, gen)
@@ -521,31 +538,32 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
             region |= m
             continue
         coverage = 0.05 + 0.95 * float(torch.rand(1, generator=gen))
-        m = _blob(s, coverage, gen)
-        block = out[:, y:y + s, x:x + s]
+        m = _blob(s, coverage, gen)[cut[1:]]
+        block = out[:, y0:y1, x0:x1]
         if kind == "colour":  # random colour block, blended
             a = alpha(0.5)
             patch = blend(block, colour(1, 1), a)
         elif kind == WARP:  # the block's own content displaced by a smooth random field: a dent, a bent thread
             patch = blend(block, _warp(block, gen), alpha(1.0))
-        else:  # copy & paste a patch from elsewhere in the same image
+        else:  # "paste": copy & paste a patch from elsewhere in the same image
             sy = int(torch.randint(0, h - s + 1, (1,), generator=gen))
             sx = int(torch.randint(0, w - s + 1, (1,), generator=gen))
-            patch = blend(block, img[:, sy:sy + s, sx:sx + s], alpha(1.0))  # opaque under "strong"
+            patch = blend(block, img[:, sy:sy + s, sx:sx + s][cut], alpha(1.0))  # opaque under "strong"
         block[:, m] = patch[:, m]
-        region[y:y + s, x:x + s] |= m
+        region[y0:y1, x0:x1] |= m
     visible = (out - img).abs().amax(0) > max(1 / 255, MIN_VISIBLE * float(img.std()))  # (H, W)
     return out, (region & visible)[None].float()
 
 
-def augment_batch(x, gen, prob, size_mode="scaled", opacity="strong", kinds=ANOMALY_KINDS):
+def augment_batch(x, gen, prob, size_mode="scaled", opacity="strong", kinds=ANOMALY_KINDS, place="inside"):
     """Pseudo anomalies on each image of a batch with probability `prob`.
 
     x: (B, C, H, W) float in [0, 1] -> (images (B, C, H, W), masks (B, 1, H, W))."""
     out, masks = x.clone(), torch.zeros_like(x[:, :1])
     for i in range(len(x)):
         if float(torch.rand(1, generator=gen)) < prob:
-            out[i], masks[i] = pseudo_anomaly(x[i], gen, size_mode=size_mode, opacity=opacity, kinds=kinds)
+            out[i], masks[i] = pseudo_anomaly(x[i], gen, size_mode=size_mode, opacity=opacity, kinds=kinds,
+                                              place=place)
     return out, masks
 
 
@@ -722,11 +740,15 @@ def add_anomaly_args(g, prob_help):
     g.add_argument("--opacity", choices=OPACITIES, default="strong",
                    help="how strongly pseudo anomalies are blended in: strong (colour blocks at 0.5-1, pastes and "
                         "cracks opaque; the paper gives none) or draem (every kind at U[0.1, 1], DRAEM's opacity)")
+    g.add_argument("--anomaly_place", choices=PLACES, default="inside",
+                   help="where pseudo anomalies go: inside (every block wholly in the image) or anywhere (the "
+                        "block's centre anywhere, the border cutting it, so anomalies reach the border too)")
 
 
 def anomaly_kwargs(args):
     """The flags add_anomaly_args added, as the keyword arguments of the stages' make_batch."""
-    return {"anomaly_prob": args.anomaly_prob, "anomaly_size": args.anomaly_size, "opacity": args.opacity}
+    return {"anomaly_prob": args.anomaly_prob, "anomaly_size": args.anomaly_size, "opacity": args.opacity,
+            "anomaly_place": args.anomaly_place}
 
 
 def default_out(data):

@@ -54,6 +54,12 @@ def get_args(argv=None):
                         "itself (the paper's Eq. (8)). The same information; the residual puts the anomaly signal in "
                         "the input instead of leaving the difference to be learnt (README, 'Reading the paper'). "
                         "'both': the residuals before and after DPN, I - I_R^n and I - I_D^n")
+    g.add_argument("--crd_padding", choices=PADDINGS, default="zeros",
+                   help="padding of CRD's 3x3x3 convs: zeros (PyTorch's default; the paper gives none), or replicate, "
+                        "which gives CRD no explicit cue that a pixel is at the image border")
+    g.add_argument("--crd_norm", choices=NORMS, default="none",
+                   help="none, or position: divide each depth's residual by how large it is at that pixel, relative "
+                        "to the whole image, on the normal training images (for --crd_input residual or both)")
     g = p.add_argument_group("loss (stage 3)")
     g.add_argument("--loss", choices=["l2", "bce", "focal"], default="l2",
                    help="mask term of Eq. (9): l2 (paper), or binary cross-entropy / focal (gamma 2, DRAEM) on the "
@@ -114,17 +120,26 @@ class Config:
     width: int = 16  # base width w
     use_depths: list | None = None  # depths n on the recursion axis; None = all of 1..N (paper)
     crd_input: str = "image"  # each depth's I_D^n (paper), I - I_D^n, or I - I_R^n and I - I_D^n; next to I
+    padding: str = "zeros"  # of the 3x3x3 convs (PADDINGS)
+    norm: str = "none"  # NORMS: "position" divides the residuals by residual_scale, a buffer set before training
 
     def __post_init__(self):
         self.use_depths = list(self.use_depths or range(1, self.depth + 1))
 
 
 INPUTS = {"image": 2, "residual": 2, "both": 3}  # --crd_input -> CRD's input channels per depth, in units of C
+# --crd_padding. Zero padding lets a CNN know where the image border is (and learn a rule for it); replicate
+# padding extends the border's own values, so a pixel there looks like one inside (README, "Per defect kind").
+PADDINGS = ("zeros", "replicate")
+# --crd_norm. The normal residual is not the same everywhere (on magnetic_tile 1.7-2x as high at the border as
+# inside): "position" divides each depth's residual by its normal level at that pixel relative to the image's
+# mean level, measured on the training images, so a residual means the same at every place.
+NORMS = ("none", "position")
 
 
-def conv3(cin, cout, stride=1):
+def conv3(cin, cout, stride=1, padding="zeros"):
     """3x3x3 conv that keeps the recursion axis and strides only over H and W."""
-    return nn.Conv3d(cin, cout, 3, (1, stride, stride), 1)
+    return nn.Conv3d(cin, cout, 3, (1, stride, stride), 1, padding_mode=padding)
 
 
 def up_to(h, like):
@@ -138,18 +153,20 @@ class CRD(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        w, nr = cfg.width, len(cfg.use_depths)
-        self.enc1 = conv3(INPUTS[cfg.crd_input] * cfg.channels, w)  # (B, w, NR, H, W)
-        self.enc2 = conv3(w, 2 * w, stride=2)  # (B, 2w, NR, H/2, W/2)
-        self.enc3 = conv3(2 * w, 4 * w, stride=2)  # (B, 4w, NR, H/4, W/4)
-        self.enc4 = conv3(4 * w, 8 * w, stride=2)  # (B, 8w, NR, H/8, W/8)
+        w, nr, conv = cfg.width, len(cfg.use_depths), partial(conv3, padding=cfg.padding)
+        self.enc1 = conv(INPUTS[cfg.crd_input] * cfg.channels, w)  # (B, w, NR, H, W)
+        self.enc2 = conv(w, 2 * w, stride=2)  # (B, 2w, NR, H/2, W/2)
+        self.enc3 = conv(2 * w, 4 * w, stride=2)  # (B, 4w, NR, H/4, W/4)
+        self.enc4 = conv(4 * w, 8 * w, stride=2)  # (B, 8w, NR, H/8, W/8)
         # decoder: halve the channels (1x1x1) before upsampling, concatenate the skip, 3x3x3 conv
-        self.red3, self.dec3 = nn.Conv3d(8 * w, 4 * w, 1), conv3(8 * w, 4 * w)
-        self.red2, self.dec2 = nn.Conv3d(4 * w, 2 * w, 1), conv3(4 * w, 2 * w)
-        self.red1, self.dec1 = nn.Conv3d(2 * w, w, 1), conv3(2 * w, w)
+        self.red3, self.dec3 = nn.Conv3d(8 * w, 4 * w, 1), conv(8 * w, 4 * w)
+        self.red2, self.dec2 = nn.Conv3d(4 * w, 2 * w, 1), conv(4 * w, 2 * w)
+        self.red1, self.dec1 = nn.Conv3d(2 * w, w, 1), conv(2 * w, w)
         # the recursion axis is reduced at the end by a learned weighting over the NR depths
         self.head = nn.Conv3d(w, 1, (nr, 1, 1))
         self.act = nn.LeakyReLU(0.1)
+        if cfg.norm == "position":  # (1, 1, NR, H, W), set by residual_scale before training, saved with the weights
+            self.register_buffer("residual_scale", torch.ones(1, 1, nr, cfg.image_size, cfg.image_size))
 
     memory_format = torch.channels_last_3d  # oneDNN's fast 3D layout: 1.4x on CPU (benchmarks/optimisations.py)
 
@@ -159,6 +176,9 @@ class CRD(nn.Module):
 
     def logits(self, x):
         """(B, kC, NR, H, W) -> the logits of M_A, (B, 1, H, W)."""
+        if self.cfg.norm == "position":  # the residual channels come first (crd_input)
+            r = (INPUTS[self.cfg.crd_input] - 1) * self.cfg.channels
+            x = torch.cat([x[:, :r] / self.residual_scale.to(x.dtype), x[:, r:]], 1)
         x = x.contiguous(memory_format=self.memory_format)
         e1 = self.act(self.enc1(x))  # (B, w, NR, H, W)
         e2 = self.act(self.enc2(e1))  # (B, 2w, NR, H/2, W/2)
@@ -190,6 +210,19 @@ def frozen_forward(rcae, dpn, x, depths, kind="image"):
     recons = rcae.reconstruct_all(x)  # (B, N, C, H, W), n = 1..N
     refined = dpn.refine(recons, x)  # Eq. (6), (B, N, C, H, W)
     return recons, refined, crd_input(refined, x, depths, kind, recons)  # ..., (B, kC, NR, H, W)
+
+
+@torch.no_grad()
+def residual_scale(rcae, dpn, images, depths, kind, batch_size=8, device="cpu"):
+    """--crd_norm position: per depth and pixel, the mean |residual| (channel mean) over the normal images,
+    divided by its mean over the image, floored at 0.1: (1, 1, NR, H, W), 1 where the residual is as usual."""
+    r, total = (INPUTS[kind] - 1), 0
+    for i in range(0, len(images), batch_size):
+        x = common.to_float(images[i:i + batch_size]).to(device)  # (B, C, H, W)
+        inp = frozen_forward(rcae, dpn, x, depths, kind)[2].float()  # (B, kC, NR, H, W)
+        total = total + inp[:, :r * x.shape[1]].abs().mean(1, keepdim=True).sum(0, keepdim=True)
+    level = total / len(images)  # (1, 1, NR, H, W)
+    return (level / level.mean((-2, -1), keepdim=True)).clamp_min(0.1)
 
 
 class Detector(nn.Module):
@@ -244,9 +277,10 @@ def crd_loss(logits, mask, kind="l2"):
 # ----------------------------------------------------------------------------- train
 
 
-def make_batch(x, gen, anomaly_prob, anomaly_size="scaled", opacity="strong"):
+def make_batch(x, gen, anomaly_prob, anomaly_size="scaled", opacity="strong", anomaly_place="inside"):
     """x (B, C, H, W) clean -> images with pseudo anomalies and their masks M_P (all zero if untouched)."""
-    images, masks = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity)  # (B, C, H, W), (B, 1, H, W)
+    images, masks = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity, place=anomaly_place)
+    # images (B, C, H, W), masks (B, 1, H, W)
     return {"image": images, "mask": masks}
 
 
@@ -266,7 +300,8 @@ def validation_set(images, args, seed=0, kinds=common.ANOMALY_KINDS):
     the pseudo-anomaly kinds drawn, all three as in training (benchmarks.revalidate also draws one at a time)."""
     gen = torch.Generator().manual_seed(common.stream_seed(VAL_STREAM, seed, 0))
     # images (M, C, H, W), masks (M, 1, H, W)
-    return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size, args.opacity, kinds)
+    return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size, args.opacity, kinds,
+                                args.anomaly_place)
 
 
 @torch.no_grad()
@@ -314,7 +349,9 @@ def main(argv=None):
     args.use_depths = parse_depths(args.use_depths, args.depth)
     common.seed_everything(args.seed)
     cfg = Config(channels=rcae.cfg.channels, depth=args.depth, image_size=args.image_size, width=args.width,
-                 use_depths=args.use_depths, crd_input=args.crd_input)
+                 use_depths=args.use_depths, crd_input=args.crd_input, padding=args.crd_padding, norm=args.crd_norm)
+    if cfg.norm != "none" and cfg.crd_input == "image":
+        raise UserError("--crd_norm position divides the residuals: it needs --crd_input residual or both")
     model = CRD(cfg)
     if args.init_prior:  # a start at the rare positives' rate instead of 0.5: no early collapse of every pixel to 0
         nn.init.constant_(model.head.bias, math.log(args.init_prior / (1 - args.init_prior)))
@@ -323,6 +360,9 @@ def main(argv=None):
     dpn.to(device)
     images = common.train_images(args)  # (M, 3, H, W) uint8, the same train/good minus holdout as stage 1
     holdout = common.train_images(args, part="holdout")  # kept out of all training: validation, threshold
+    if cfg.norm == "position":
+        model.residual_scale.copy_(residual_scale(rcae, dpn, images, cfg.use_depths, cfg.crd_input, args.batch_size,
+                                                  device).cpu())
     print(f"{STAGE}: {len(images)} training images at {args.image_size}px, depths {cfg.use_depths} of N={cfg.depth}, "
           f"{common.n_params(model):,} parameters; RcAE {args.rcae} and DPN {args.dpn} frozen")
 

@@ -6,7 +6,7 @@ import torch
 
 import common
 import stage1_rcae
-from benchmarks import ablations, compare, depth_probe, depth_residuals, optimisations, revalidate, speed
+from benchmarks import ablations, border, compare, depth_probe, depth_residuals, optimisations, revalidate, speed
 
 
 def test_speed_report(tmp_path):
@@ -157,14 +157,20 @@ def test_revalidate_redraws_stage3s_validation(toy_data, tmp_path):
     rows = {r["anomaly_kind"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())["rows"]}
     assert rows["all"]["p_auroc"] == pytest.approx(logged["p_auroc"], abs=1e-6)
     assert rows["crack"]["anomalous_px"] != pytest.approx(rows["all"]["anomalous_px"])  # cracks only: other masks
+    revalidate.main(["--out", str(tmp_path), "--opacity", "strong", "--anomaly_place", "inside", "anywhere",
+                     "--json", str(tmp_path / "rv.json")])
+    rows = {r["anomaly_place"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())["rows"]}
+    assert rows["inside"]["p_auroc"] == pytest.approx(logged["p_auroc"], abs=1e-6)  # the run's own placement
+    assert rows["anywhere"]["anomalous_px"] != pytest.approx(rows["inside"]["anomalous_px"])  # other blocks
 
 
 def test_revalidate_agreement_ranks_chains_like_the_test_split():
     """Spearman's rho per category and setting: +1 when the validation orders the runs as the test split does,
     -1 when it reverses them; a category with fewer than 3 runs gets none."""
     def row(out, data, val, test):
-        return {"out": out, "data": data, "opacity": "strong", "anomaly_size": "relative", "anomaly_kind": "all",
-                "val": {"p_auroc": val, "aupro": val}, "test": {"crd": {"p_auroc": test, "aupro": 1 - test}}}
+        return {"out": out, "data": data, "opacity": "strong", "anomaly_size": "relative", "anomaly_place": "inside",
+                "anomaly_kind": "all", "val": {"p_auroc": val, "aupro": val},
+                "test": {"crd": {"p_auroc": test, "aupro": 1 - test}}}
     rows = [row(f"r{i}", "bs", v, t) for i, (v, t) in enumerate([(0.9, 0.8), (0.7, 0.6), (0.5, 0.7)])]
     rows += [row("m0", "mt", 0.5, 0.5), row("m1", "mt", 0.6, 0.6)]
     agree = {a["data"]: a for a in revalidate.agreement(rows)}
@@ -325,3 +331,31 @@ def test_paper_tables_4_and_5_agree_with_table2():
     assert paper["table5"]["train_fractions"] == [0.1, 0.25, 0.5, 0.75, 1.0]
     rows5 = ablations.STUDIES["table5"]["rows"]
     assert [r[0][1] for r in rows5] == ["10%", "25%", "50%", "75%", "100%"] * 2
+
+
+def test_border_scores_the_band_apart():
+    """A map that finds every defect inside the image and none at its border: AUROC 1 inside, 0 at the border;
+    a normal map lower at the border reads below 1."""
+    import numpy as np
+    band = border.band_of(16, 2)
+    assert band.mean() == pytest.approx(1 - (12 / 16) ** 2)
+    masks = np.zeros((3, 16, 16), bool)
+    masks[1, 0:2, 0:6] = True  # at the border: its 12 px all in the band
+    masks[2, 6:10, 6:10] = True  # inside
+    maps = np.full((3, 16, 16), 0.5)
+    maps[0, band] = 0.2  # the normal image: lower at the border
+    maps[1][masks[1]] = 0.0  # the border defect scored below every normal pixel
+    maps[2][masks[2]] = 1.0
+    r = border.border_scores(masks, maps, np.array([True, False, False]), band)
+    assert r["p_auroc_inside"] == 1.0 and r["p_auroc_border"] == 0.0
+    assert r["normal_border_over_inside"] == pytest.approx(0.4)
+    assert border.border_share(masks, band) == pytest.approx(12 / 28)
+
+
+def test_border_report(toy_data, tmp_path):
+    """Without run folders: where the test masks and both placements of pseudo anomalies put anomalous pixels."""
+    border.main(["--data", toy_data, "--image_size", "64", "--json", str(tmp_path / "b.json")])
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert 0 <= r["test_share"] <= 1 and r["runs"] == []
+    assert r["pseudo_share"]["anywhere"] > r["pseudo_share"]["inside"]
+    assert r["normal_grad_border_over_inside"] > 0

@@ -290,6 +290,48 @@ def test_pseudo_anomaly_kinds():
         assert mask.sum() > 0 and out.min() >= img.min() - 1e-6 and out.max() <= img.max() + 1e-6
 
 
+def test_pseudo_anomalies_reach_the_border_when_placed_anywhere():
+    """"inside" keeps every block in the image, so the border is rarely masked; "anywhere" centres blocks anywhere
+    and the border cuts them: every kind, and a far larger share of the masked pixels near the border."""
+    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    band = torch.ones(64, 64, dtype=torch.bool)
+    band[4:-4, 4:-4] = False  # within 4 px of the border: 23% of the image
+    share = {}
+    for place in common.PLACES:
+        near = total = 0
+        for seed in range(60):
+            kinds = ((*common.ANOMALY_KINDS, common.WARP)[seed % 4],)
+            out, mask = common.pseudo_anomaly(img, torch.Generator().manual_seed(seed), size_mode="relative",
+                                              kinds=kinds, place=place)
+            assert out.shape == img.shape and mask.shape == (1, 64, 64)
+            near, total = near + float(mask[0][band].sum()), total + float(mask.sum())
+        share[place] = near / total
+    assert share["anywhere"] > 0.15 and share["anywhere"] > 2 * share["inside"], share
+    for bad in ({"kinds": ("scratch",)}, {"kinds": ()}, {"place": "edge"}):  # a typo is an error, not a paste
+        with pytest.raises(ValueError, match="unknown kinds or place"):
+            common.pseudo_anomaly(img, torch.Generator().manual_seed(0), **bad)
+
+
+def test_every_stage_places_pseudo_anomalies_by_its_flag():
+    """--anomaly_place reaches each stage's batches through anomaly_kwargs: "anywhere" draws other anomalies than
+    "inside" from the same generator, in stage 1's noisy input, stage 2's and stage 3's images."""
+    import argparse
+
+    import stage1_rcae
+    import stage2_dpn
+    import stage3_crd
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    batch = {"stage1_rcae": lambda **kw: stage1_rcae.make_batch(x, g(), depth=2, **kw)["input"],
+             "stage2_dpn": lambda **kw: stage2_dpn.make_batch(x, g(), **kw)["image"],
+             "stage3_crd": lambda **kw: stage3_crd.make_batch(x, g(), **kw)["image"]}
+    for stage, make in batch.items():
+        kw = {place: common.anomaly_kwargs(argparse.Namespace(anomaly_prob=1.0, anomaly_size="relative",
+                                                              opacity="strong", anomaly_place=place))
+              for place in common.PLACES}
+        assert not torch.equal(make(**kw["inside"]), make(**kw["anywhere"])), stage
+
+
 def test_gray_images_get_gray_pseudo_anomalies():
     gray = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(0)).expand(3, 64, 64).contiguous()
     colour = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))

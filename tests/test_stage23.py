@@ -167,6 +167,72 @@ def test_crd_map_follows_the_image():
     assert changed[10:14, 10:14].all() and not changed[48:].any() and not changed[:, 48:].any()
 
 
+def test_crd_replicate_padding_hides_the_border():
+    """On a constant input a zero-padded CRD maps the border unlike the inside (it can learn where the border is);
+    with --crd_padding replicate the map is constant: no pixel tells it where it is."""
+    x = torch.full((1, 6, 3, 32, 32), 0.7)
+    spread = {}
+    for padding in stage3_crd.PADDINGS:
+        torch.manual_seed(0)
+        crd = CRD(stage3_crd.Config(depth=3, width=4, padding=padding))
+        with torch.no_grad():
+            m = crd.logits(x)[0, 0]  # (H, W)
+        spread[padding] = float(m.max() - m.min())
+    assert spread["zeros"] > 1e-3 and spread["replicate"] < 1e-5, spread
+
+
+def test_crd_position_norm_divides_the_residual_channels():
+    """--crd_norm position: with a scale of 1 CRD is the plain one; with a scale of 2 it sees the residual
+    channels halved and the image channels unchanged."""
+    torch.manual_seed(0)
+    plain = CRD(stage3_crd.Config(depth=2, width=4, image_size=16, crd_input="both"))
+    torch.manual_seed(0)
+    normed = CRD(stage3_crd.Config(depth=2, width=4, image_size=16, crd_input="both", norm="position"))
+    x = torch.randn(1, 9, 2, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(normed.logits(x), plain.logits(x), atol=1e-6)
+        normed.residual_scale.fill_(2.0)
+        halved = torch.cat([x[:, :6] / 2, x[:, 6:]], 1)
+        assert torch.allclose(normed.logits(x), plain.logits(halved), atol=1e-6)
+        assert not torch.allclose(normed.logits(x), plain.logits(x / 2), atol=1e-4)  # the image is not scaled
+
+
+def test_residual_scale_is_the_normal_residual_relative_to_its_image_mean():
+    """A chain whose residual is twice as large in the left half: scale 4/3 there, 2/3 on the right, per depth."""
+    class Frozen:  # reconstruct_all / refine: the residual I - I_D^n is 1 on the left half, 0.5 on the right
+        depth = 2
+
+        def reconstruct_all(self, x):
+            off = torch.full_like(x, 0.5)
+            off[..., :8] = 1.0
+            return (x - off)[:, None].expand(-1, 2, -1, -1, -1)
+
+        def refine(self, recons, x):
+            return recons
+    images = torch.zeros(3, 3, 16, 16, dtype=torch.uint8)
+    s = stage3_crd.residual_scale(Frozen(), Frozen(), images, [1, 2], "residual", batch_size=2)
+    assert s.shape == (1, 1, 2, 16, 16)
+    assert torch.allclose(s[..., :8], torch.full_like(s[..., :8], 4 / 3))
+    assert torch.allclose(s[..., 8:], torch.full_like(s[..., 8:], 2 / 3))
+
+
+def test_crd_position_norm_end_to_end(toy_data, tmp_path):
+    """Stage 3 with --crd_norm position measures the scale on the training images before step 1, saves it with
+    the weights and the detector reads it back; with the paper's image input it is a one-line error."""
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2))
+    stage2_dpn.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, max_steps=2))
+    with pytest.raises(UserError, match="needs --crd_input residual or both"):
+        stage3_crd.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, width=4, max_steps=2,
+                                   crd_norm="position", crd_input="image"))
+    stage3_crd.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, width=4, max_steps=2,
+                               crd_norm="position", crd_input="residual"))
+    crd, _ = stage3_crd.load_crd(str(tmp_path / "stage3_crd.pt"))
+    s = crd.residual_scale  # (1, 1, NR, H, W): 1 on average over each depth's image, not 1 everywhere
+    assert s.shape == (1, 1, 3, 64, 64) and torch.allclose(s.mean((-2, -1)), torch.ones(1, 1, 3), atol=0.05)
+    assert float(s.std()) > 0.01
+    assert stage3_crd.load_detector(str(tmp_path)).crd.residual_scale.equal(s)
+
+
 def test_crd_config_default_uses_every_depth():
     assert stage3_crd.Config(depth=4).use_depths == [1, 2, 3, 4]
     assert CRD(stage3_crd.Config(depth=4, width=4)).head.kernel_size == (4, 1, 1)
@@ -401,7 +467,7 @@ def test_chain_crd_checkpoint_and_detector(chain):
     crd, ck = stage3_crd.load_crd(chain.out / "stage3_crd.pt")
     assert ck["stage"] == "stage3_crd" and ck["step"] == 2
     assert ck["model_config"] == {"channels": 3, "depth": 3, "image_size": 64, "width": 4, "use_depths": [1, 2, 3],
-                                  "crd_input": "residual"}  # the default
+                                  "crd_input": "residual", "padding": "zeros", "norm": "none"}  # the defaults
     # what common.train saved survives the calibration rewrite
     assert ck["total_steps"] == 2 and set(ck["upstream"]) == {"rcae", "rcae_sha", "dpn", "dpn_sha"}
     det = stage3_crd.load_detector(chain.out)
