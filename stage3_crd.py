@@ -128,6 +128,12 @@ class Config:
 
 
 INPUTS = {"image": 2, "residual": 2, "both": 3}  # --crd_input -> CRD's input channels per depth, in units of C
+
+
+def residual_channels(kind, channels):
+    """How many of CRD's input channels come before I (crd_input's layout): the residuals of "residual" and
+    "both" (I_D^n itself for "image", which --crd_norm refuses)."""
+    return (INPUTS[kind] - 1) * channels
 # --crd_padding. Zero padding lets a CNN know where the image border is (and learn a rule for it); replicate
 # padding extends the border's own values, so a pixel there looks like one inside (README, "Per defect kind").
 PADDINGS = ("zeros", "replicate")
@@ -176,8 +182,8 @@ class CRD(nn.Module):
 
     def logits(self, x):
         """(B, kC, NR, H, W) -> the logits of M_A, (B, 1, H, W)."""
-        if self.cfg.norm == "position":  # the residual channels come first (crd_input)
-            r = (INPUTS[self.cfg.crd_input] - 1) * self.cfg.channels
+        if self.cfg.norm == "position":
+            r = residual_channels(self.cfg.crd_input, self.cfg.channels)
             x = torch.cat([x[:, :r] / self.residual_scale.to(x.dtype), x[:, r:]], 1)
         x = x.contiguous(memory_format=self.memory_format)
         e1 = self.act(self.enc1(x))  # (B, w, NR, H, W)
@@ -216,11 +222,11 @@ def frozen_forward(rcae, dpn, x, depths, kind="image"):
 def residual_scale(rcae, dpn, images, depths, kind, batch_size=8, device="cpu"):
     """--crd_norm position: per depth and pixel, the mean |residual| (channel mean) over the normal images,
     divided by its mean over the image, floored at 0.1: (1, 1, NR, H, W), 1 where the residual is as usual."""
-    r, total = (INPUTS[kind] - 1), 0
+    total = 0
     for i in range(0, len(images), batch_size):
         x = common.to_float(images[i:i + batch_size]).to(device)  # (B, C, H, W)
         inp = frozen_forward(rcae, dpn, x, depths, kind)[2].float()  # (B, kC, NR, H, W)
-        total = total + inp[:, :r * x.shape[1]].abs().mean(1, keepdim=True).sum(0, keepdim=True)
+        total = total + inp[:, :residual_channels(kind, x.shape[1])].abs().mean(1, keepdim=True).sum(0, keepdim=True)
     level = total / len(images)  # (1, 1, NR, H, W)
     return (level / level.mean((-2, -1), keepdim=True)).clamp_min(0.1)
 

@@ -75,12 +75,16 @@ def border_scores(masks, maps, normal, band):
 
 def main(argv=None):
     args = get_args(argv)
+    chains = {out: evaluate.load_stages(Path(out), args.data, "rcae") for out in args.out}
     # the holdout normal images and the model's size and resize of the first run's stage 1 (without --out: defaults)
     a = argparse.Namespace(data=args.data, image_size=args.image_size, holdout=0.1)  # the stages' default --holdout
-    if args.out:
-        st = evaluate.load_stages(Path(args.out[0]), args.data, "rcae")
-        a = argparse.Namespace(**{**st["stage1_rcae"][1]["args"], "data": args.data})
+    if chains:
+        a = argparse.Namespace(**{**next(iter(chains.values()))["stage1_rcae"][1]["args"], "data": args.data})
     a.workers, size, resize = 2, a.image_size, getattr(a, "resize", None) or "squash"
+    for out, st in chains.items():  # one test split, at one size, for every run's maps
+        if evaluate.image_size_of(st) != size:
+            raise common.UserError(f"--out {out} was trained at {evaluate.image_size_of(st)} px, {args.out[0]} at "
+                                   f"{size} px: give runs of one size")
     split = common.load_split(args.data, "test", size, 2, resize)
     keep = split.has_mask.numpy()
     masks = split.masks[keep, 0].numpy() > 0  # (M, H, W)
@@ -102,13 +106,12 @@ def main(argv=None):
           + f"; holdout normal images' |I'| border / inside {res['normal_grad_border_over_inside']:.2f}")
     print("run | variant | P-AUROC border / inside (each against all normal pixels) | normal map border / inside")
     device = torch.device("cpu")
-    for out in args.out:
-        st = evaluate.load_stages(Path(out), args.data, "rcae")
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    for out, st in chains.items():
         for name, fn in evaluate.variant_fns(st, args.sigma, evaluate.topk_frac_of(st, None)).items():
             maps = evaluate.run_variant(fn, split.images[torch.from_numpy(keep)], device, args.batch_size, name)[0]
             r = {"out": str(out), "variant": name, **border_scores(masks, maps, normal, band)}
             res["runs"].append(r)
-            pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
             print(f"{out} | {name} | {pct(r['p_auroc_border'])} / {pct(r['p_auroc_inside'])} | "
                   f"{r['normal_border_over_inside']:.2f}", flush=True)
     if args.json:
