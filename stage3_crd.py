@@ -366,13 +366,13 @@ def main(argv=None):
     dpn.to(device)
     images = common.train_images(args)  # (M, 3, H, W) uint8, the same train/good minus holdout as stage 1
     holdout = common.train_images(args, part="holdout")  # kept out of all training: validation, threshold
-    if cfg.norm == "position":
+    path = f"{args.out}/{STAGE}.pt"
+    if cfg.norm == "position" and (args.overwrite or not Path(path).is_file()):  # resuming loads the saved one
         model.residual_scale.copy_(residual_scale(rcae, dpn, images, cfg.use_depths, cfg.crd_input, args.batch_size,
                                                   device).cpu())
     print(f"{STAGE}: {len(images)} training images at {args.image_size}px, depths {cfg.use_depths} of N={cfg.depth}, "
           f"{common.n_params(model):,} parameters; RcAE {args.rcae} and DPN {args.dpn} frozen")
 
-    path = f"{args.out}/{STAGE}.pt"
     common.check_upstream_unchanged(path, STAGE, ups, args)
     ck = common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
                       make_batch=partial(make_batch, **common.anomaly_kwargs(args)),

@@ -216,9 +216,10 @@ def test_residual_scale_is_the_normal_residual_relative_to_its_image_mean():
     assert torch.allclose(s[..., 8:], torch.full_like(s[..., 8:], 2 / 3))
 
 
-def test_crd_position_norm_end_to_end(toy_data, tmp_path):
+def test_crd_position_norm_end_to_end(toy_data, tmp_path, monkeypatch):
     """Stage 3 with --crd_norm position measures the scale on the training images before step 1, saves it with
-    the weights and the detector reads it back; with the paper's image input it is a one-line error."""
+    the weights and the detector reads it back; a resumed run keeps the saved scale without measuring it again;
+    with the paper's image input it is a one-line error."""
     stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2))
     stage2_dpn.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, max_steps=2))
     with pytest.raises(UserError, match="needs --crd_input residual or both"):
@@ -231,6 +232,13 @@ def test_crd_position_norm_end_to_end(toy_data, tmp_path):
     assert s.shape == (1, 1, 3, 64, 64) and torch.allclose(s.mean((-2, -1)), torch.ones(1, 1, 3), atol=0.05)
     assert float(s.std()) > 0.01
     assert stage3_crd.load_detector(str(tmp_path)).crd.residual_scale.equal(s)
+    def measured_again(*a, **k):
+        raise AssertionError("a resumed run measured the scale again")
+    monkeypatch.setattr(stage3_crd, "residual_scale", measured_again)
+    stage3_crd.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, width=4, max_steps=4,
+                               crd_norm="position", crd_input="residual"))
+    crd, ck = stage3_crd.load_crd(str(tmp_path / "stage3_crd.pt"))
+    assert ck["step"] == 4 and crd.residual_scale.equal(s)
 
 
 def test_crd_config_default_uses_every_depth():
