@@ -81,6 +81,8 @@ def get_args(argv=None):
     common.check_flags(args, width=">=1", topk_frac="(0,1]", threshold_quantile="[0,1]", anomaly_prob="[0,1]")
     if not 0 <= args.init_prior < 1:
         raise UserError(f"--init_prior must be in [0, 1) (got {args.init_prior})")
+    if args.crd_norm != "none" and args.crd_input == "image":
+        raise UserError("--crd_norm position divides the residuals: it needs --crd_input residual or both")
     return args
 
 
@@ -134,6 +136,8 @@ def residual_channels(kind, channels):
     """How many of CRD's input channels come before I (crd_input's layout): the residuals of "residual" and
     "both" (I_D^n itself for "image", which --crd_norm refuses)."""
     return (INPUTS[kind] - 1) * channels
+
+
 # --crd_padding. Zero padding lets a CNN know where the image border is (and learn a rule for it); replicate
 # padding extends the border's own values, so a pixel there looks like one inside (README, "Per defect kind").
 PADDINGS = ("zeros", "replicate")
@@ -356,8 +360,6 @@ def main(argv=None):
     common.seed_everything(args.seed)
     cfg = Config(channels=rcae.cfg.channels, depth=args.depth, image_size=args.image_size, width=args.width,
                  use_depths=args.use_depths, crd_input=args.crd_input, padding=args.crd_padding, norm=args.crd_norm)
-    if cfg.norm != "none" and cfg.crd_input == "image":
-        raise UserError("--crd_norm position divides the residuals: it needs --crd_input residual or both")
     model = CRD(cfg)
     if args.init_prior:  # a start at the rare positives' rate instead of 0.5: no early collapse of every pixel to 0
         nn.init.constant_(model.head.bias, math.log(args.init_prior / (1 - args.init_prior)))

@@ -87,6 +87,7 @@ def main(argv=None):
                                    f"{size} px: give runs of one size")
     split = common.load_split(args.data, "test", size, 2, resize)
     keep = split.has_mask.numpy()
+    images = split.images[torch.from_numpy(keep)]  # (M, C, H, W): the images with pixel ground truth
     masks = split.masks[keep, 0].numpy() > 0  # (M, H, W)
     normal = split.labels.numpy()[keep] == 0
     band = band_of(size, args.band)
@@ -109,7 +110,7 @@ def main(argv=None):
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for out, st in chains.items():
         for name, fn in evaluate.variant_fns(st, args.sigma, evaluate.topk_frac_of(st, None)).items():
-            maps = evaluate.run_variant(fn, split.images[torch.from_numpy(keep)], device, args.batch_size, name)[0]
+            maps = evaluate.run_variant(fn, images, device, args.batch_size, name)[0]
             r = {"out": str(out), "variant": name, **border_scores(masks, maps, normal, band)}
             res["runs"].append(r)
             print(f"{out} | {name} | {pct(r['p_auroc_border'])} / {pct(r['p_auroc_inside'])} | "
