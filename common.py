@@ -16,6 +16,7 @@ Make a synthetic category (nothing to download):
     python common.py synth --out data/toy --size 128
 """
 import argparse
+import contextlib
 import copy
 import csv
 import ctypes
@@ -604,7 +605,9 @@ def conv_cat(conv, *parts):
 
 
 INHERITED = ("image_size", "depth", "holdout", "resize", "train_fraction")  # a downstream stage takes these from stage 1
-BEFORE_FLAG = {"resize": "squash", "train_fraction": 1.0}  # what a checkpoint written before a flag existed did
+# what a checkpoint written before a flag existed did (for the pseudo-anomaly flags: what its stage drew)
+BEFORE_FLAG = {"resize": "squash", "train_fraction": 1.0, "anomaly_size": "scaled", "opacity": "strong",
+               "anomaly_place": "inside"}
 
 
 # --lr_schedule: multiplier of --lr at optimiser step `step` (1-based) of `total`. The paper gives no schedule
@@ -662,6 +665,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if "default" in text.lower() else super()._get_help_string(action)
 
 
+SHARED_DEFAULTS = dict(image_size=1024, epochs=100, batch_size=8, lr=1e-4, depth=5, holdout=0.1, resize="squash",
+                       train_fraction=1.0)  # of the flags of add_shared_args; a stage overrides some (its paper's)
+
+
 def add_shared_args(p, recursion=True, upstream=False, paper="paper", **defaults):
     """The flags every stage shares (names fixed: later stages, evaluate and the checks rely on them).
 
@@ -669,9 +676,7 @@ def add_shared_args(p, recursion=True, upstream=False, paper="paper", **defaults
     (stages 2 and 3) makes the INHERITED flags default to None, "inherit from the stage-1 checkpoint"; an
     explicit value must agree with it (see inherit). recursion=False leaves out --depth (the FAIR baseline
     has no recursion)."""
-    d = dict(image_size=1024, epochs=100, batch_size=8, lr=1e-4, depth=5, holdout=0.1, resize="squash",
-             train_fraction=1.0)
-    d.update(defaults)
+    d = {**SHARED_DEFAULTS, **defaults}
     said = {k: f"(default: {d[k]}, as in the {paper})" for k in ("image_size", "depth", "epochs")}
     if upstream:
         d.update({k: None for k in INHERITED})
@@ -866,22 +871,51 @@ def plain(d):
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-def save_checkpoint(path, stage, model, model_config, args, step, **extra):
-    """Atomic write (temp file + rename) of a self-describing checkpoint: {stage, model (state_dict),
-    model_config, args, step, version, **extra}, tensors and plain types only (loads with weights_only=True)."""
+@contextlib.contextmanager
+def atomic_open(path, mode="w", **kw):
+    """Open a temp file beside `path` (its folders made); on a clean exit it replaces `path`, so readers see
+    the old file or the new one, never half of one; on an error (or ctrl-c) it is removed and `path` kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ck = dict(stage=stage, model=model.state_dict(), model_config=plain(model_config), args=plain(args),
-              step=step, version=VERSION, **extra)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(ck, f)
+        with open(tmp, mode, **kw) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def json_safe(v):
+    """nan -> None (null in JSON; json.dumps would write NaN, which is not JSON) through dicts and lists."""
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return None if math.isnan(v) else float(v)
+    return v
+
+
+def write_json(path, obj):
+    """Every JSON result file of the project: atomic, nan as null, one key per line."""
+    write_text(path, json.dumps(json_safe(obj), indent=1))
+
+
+def save_checkpoint(path, stage, model, model_config, args, step, **extra):
+    """Atomic write of a self-describing checkpoint: {stage, model (state_dict), model_config, args, step,
+    version, **extra}, tensors and plain types only (loads with weights_only=True)."""
+    ck = dict(stage=stage, model=model.state_dict(), model_config=plain(model_config), args=plain(args),
+              step=step, version=VERSION, **extra)
+    with atomic_open(path, "wb") as f:
+        torch.save(ck, f)
 
 
 def load_checkpoint(path, stage, hint=""):

@@ -385,28 +385,11 @@ def on_frames(split, size, maps, idx):
 # ----------------------------------------------------------------------------- one category
 
 
-def _null(v):
-    """nan -> None (null in JSON) through dicts and lists."""
-    if isinstance(v, dict):
-        return {k: _null(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_null(x) for x in v]
-    if isinstance(v, (float, np.floating)):
-        return None if math.isnan(v) else float(v)
-    return v
-
-
 def _read_json(path):
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-
-
-def _write_json(path, obj):
-    tmp = Path(path).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_null(obj), indent=1))
-    tmp.replace(path)
 
 
 def image_size_of(st):
@@ -478,17 +461,17 @@ def evaluate_category(data, out, args):
     if args.method == "fair" and "image_size" in old:  # the top-level size and depth describe RcAE
         res["image_size"], res["depth"] = old["image_size"], old["depth"]
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "metrics.json", res)
+    common.write_json(out / "metrics.json", res)
     paths = [s.path for s in split.samples]
     old_scores = _read_json(out / "scores.json") or {}
     same = old_scores.get("paths") == paths  # the other method's scores only if they rank the same images
     kept = {k: v for k, v in old_scores.get("scores", {}).items() if k in keep and same}
-    _write_json(out / "scores.json", {"paths": paths, "labels": labels.tolist(), "scores": {**kept, **scores}})
+    common.write_json(out / "scores.json", {"paths": paths, "labels": labels.tolist(), "scores": {**kept, **scores}})
     figures(out / "figures", st, split, fig_idx, fig_maps, device, args.method)
     roc_figure(out / "figures" / "roc.png", labels, {**kept, **scores})
     print_table(res)
     print(f"evaluate: wrote {out / 'metrics.json'} and {out / 'figures'}")
-    return _null(res)
+    return common.json_safe(res)
 
 
 def _print_rows(rows):
@@ -646,9 +629,8 @@ def write_results(folder, done, skipped):
                     f"{m['n_anomalous']} anomalous images have a mask)" for c, m in partial]]
     if skipped:
         lines += ["", "Skipped (not evaluated):", *[f"- {c}: {why}" for c, why in skipped]]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.md").write_text("\n".join(lines) + "\n")
-    with open(folder / "results.csv", "w", newline="") as f:
+    common.write_text(folder / "results.md", "\n".join(lines) + "\n")
+    with common.atomic_open(folder / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["category"] + [f"{v} {k}" for v in names for k in ("I-AUROC", "P-AUROC", "AUPRO")])
         for cat, row in [*table.items(), ("Mean", mean)]:
@@ -779,7 +761,7 @@ def predict(args):
         overlay(folder / f"{name}.png", img, m, f"{f.name}: {args.variant} score {score:.4g} "
                 f"{'>' if score > thr else '<='} threshold {thr:.4g}: {decision}", vmax)
         rows.append([str(f), w, h, args.variant, repr(score), repr(thr), decision, str(folder / f"{name}.png")])
-    with open(folder / "predictions.csv", "w", newline="") as fh:
+    with common.atomic_open(folder / "predictions.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([["path", "width", "height", "variant", "score", "threshold", "decision",
                                    "overlay"], *rows])  # exact floats
     print(f"predict: {sum(r[6] == 'anomalous' for r in rows)} of {len(rows)} images anomalous with {args.variant} "

@@ -267,11 +267,9 @@ def table(rows, study):
 
 
 def write_json(args, argv, results):
-    path = Path(args.out) / f"ablation_{args.study}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.ablations " + " ".join(argv if argv is not None else sys.argv[1:])
-    path.write_text(json.dumps(dict(study=args.study, image_size=args.image_size, steps=args.steps, command=command,
-                                    rows=results), indent=1))
+    common.write_json(Path(args.out) / f"ablation_{args.study}.json",
+                      dict(study=args.study, image_size=args.image_size, steps=args.steps, command=command, rows=results))
 
 
 def main(argv=None):
@@ -299,7 +297,7 @@ def main(argv=None):
             write_json(args, argv, results)  # after every row: an interrupted study keeps what it has
     write_json(args, argv, results)
     md = table(results, study)
-    (Path(args.out) / f"ablation_{args.study}.md").write_text("\n".join(md) + "\n")
+    common.write_text(Path(args.out) / f"ablation_{args.study}.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 
@@ -323,8 +321,7 @@ def run_table(study, rows, datas, args, argv):
 
     def save():  # the table so far: written after every run, so an interrupted table keeps what it has
         result = table_result(study, rows, trained, datas, paper, args, argv)
-        Path(args.out).mkdir(parents=True, exist_ok=True)  # --report 1 on an --out nothing was trained in
-        (Path(args.out) / f"ablation_{args.study}.json").write_text(json.dumps(result, indent=1))
+        common.write_json(Path(args.out) / f"ablation_{args.study}.json", result)
         return result
 
     for data in datas:
@@ -339,7 +336,7 @@ def run_table(study, rows, datas, args, argv):
             save()
     result = save()
     md = table_markdown(study, result)
-    (Path(args.out) / f"ablation_{args.study}.md").write_text("\n".join(md) + "\n")
+    common.write_text(Path(args.out) / f"ablation_{args.study}.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return result
 

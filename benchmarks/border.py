@@ -19,7 +19,6 @@ It reads the test split's labels, like evaluate.py: a measurement, never a choic
 Prints a table; --json writes the rows.
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +76,11 @@ def main(argv=None):
     args = get_args(argv)
     chains = {out: evaluate.load_stages(Path(out), args.data, "rcae") for out in args.out}
     # the holdout normal images and the model's size and resize of the first run's stage 1 (without --out: defaults)
-    a = argparse.Namespace(data=args.data, image_size=args.image_size, holdout=0.1)  # the stages' default --holdout
+    a = {"image_size": args.image_size, "holdout": common.SHARED_DEFAULTS["holdout"]}
     if chains:
-        a = argparse.Namespace(**{**next(iter(chains.values()))["stage1_rcae"][1]["args"], "data": args.data})
-    a.workers, size, resize = 2, a.image_size, getattr(a, "resize", None) or "squash"
+        a = next(iter(chains.values()))["stage1_rcae"][1]["args"]
+    a = argparse.Namespace(**{**common.BEFORE_FLAG, **a, "data": args.data, "workers": 2})
+    size, resize = a.image_size, a.resize
     for out, st in chains.items():  # one test split, at one size, for every run's maps
         if evaluate.image_size_of(st) != size:
             raise common.UserError(f"--out {out} was trained at {evaluate.image_size_of(st)} px, {args.out[0]} at "
@@ -116,8 +116,7 @@ def main(argv=None):
             print(f"{out} | {name} | {pct(r['p_auroc_border'])} / {pct(r['p_auroc_inside'])} | "
                   f"{r['normal_border_over_inside']:.2f}", flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        common.write_json(args.json, res)
         print(f"border: wrote {args.json}")
 
 

@@ -225,7 +225,7 @@ def main(argv=None):
                   **budget, steps=steps, device=device_name,
                   n_images=metrics["n_images"], n_anomalous=metrics["n_anomalous"], rows=rows,
                   command="python -m benchmarks.compare " + " ".join(argv or __import__("sys").argv[1:]))
-    (Path(out) / "compare.json").write_text(json.dumps(report, indent=1))
+    common.write_json(Path(out) / "compare.json", report)
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     mem_cell = lambda m: "" if m[0] is None else f"{m[0]:.0f} ({m[1]:.0f})"  # noqa: E731
     md = [f"{Path(args.data).name}, {args.image_size}x{args.image_size}, {metrics['n_images']} test images "
@@ -241,7 +241,7 @@ def main(argv=None):
     md.append("\ntrain img/s of RcAE: stage 1/2/3. Inference of the full pipeline and of FAIR timed round-robin "
               "on one batch; the residual variants' speed comes from evaluate.py. Peak RSS: a bare process loading the "
               "method and running one batch of 4; in brackets its increase over the loaded model.")
-    (Path(out) / "compare.md").write_text("\n".join(md) + "\n")
+    common.write_text(Path(out) / "compare.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

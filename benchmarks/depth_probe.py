@@ -22,7 +22,6 @@ give with it.
 Writes <out> (default: depth_probe_d<n>.json beside the checkpoint) and prints a table.
 """
 import argparse
-import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -152,8 +151,8 @@ def main(argv=None):
         if step % args.every == 0 or step == args.steps:
             report(step)
     out = Path(args.out or Path(args.rcae).with_name(f"depth_probe_d{args.depth}.json"))
-    out.write_text(json.dumps({"rcae": str(args.rcae), "depth": args.depth, "steps": args.steps,
-                               "lr": args.lr or train.lr, "seed": args.seed, "code_fit": fit, "rows": rows}, indent=1))
+    common.write_json(out, {"rcae": str(args.rcae), "depth": args.depth, "steps": args.steps,
+                            "lr": args.lr or train.lr, "seed": args.seed, "code_fit": fit, "rows": rows})
     print(f"-> {out}")
 
 

@@ -15,7 +15,6 @@ split's labels, like evaluate.py: a measurement, never a choice made during trai
 Prints a table; --out writes it as JSON.
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -92,7 +91,7 @@ def main(argv=None):
                     print(f"  depth {r['depth']} |{name}^n|: P-AUROC {100 * r[f'p_auroc{suffix}']:5.1f}   residual "
                           f"in defects {res}, elsewhere {r[f'residual_normal{suffix}']:.4f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        common.write_json(args.out, out)
         print(f"-> {args.out}")
 
 

@@ -12,7 +12,6 @@ Writes benchmarks/results/optimisations_<device>.json and .md (override with --o
 """
 import argparse
 import contextlib
-import json
 import statistics
 import subprocess
 import sys
@@ -177,13 +176,11 @@ def main(argv=None):
               f"(x{row['speedup']})", flush=True)
     device = f"cpu x{torch.get_num_threads()} threads"
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "optimisations_cpu.json").write_text(json.dumps(dict(device=device, size=s, batch=b, depth=n, rows=rows),
-                                                           indent=1))
+    common.write_json(out / "optimisations_cpu.json", dict(device=device, size=s, batch=b, depth=n, rows=rows))
     md = [f"{device}, {s}x{s}, batch {b}, N = {n}", "", "| optimisation | before img/s | after img/s | speed-up |",
           "|---|---|---|---|"] + [f"| {r['optimisation']} | {r['before_images_per_s']} | {r['after_images_per_s']} | "
                                   f"x{r['speedup']} |" for r in rows]
-    (out / "optimisations_cpu.md").write_text("\n".join(md) + "\n")
+    common.write_text(out / "optimisations_cpu.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

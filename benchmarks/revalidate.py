@@ -53,9 +53,8 @@ def run_rows(out, opacities, seed, batch_size, sizes=None, kinds=("all",), place
     chain = stage3_crd.load_chain(out)
     crd, ck = stage3_crd.crd_of(chain, out)
     rcae, dpn = chain["stage1_rcae"][0], chain["stage2_dpn"][0]
-    # data, image size, holdout, resize and pseudo anomalies of stage 3 (a checkpoint older than a flag: its default)
-    a = argparse.Namespace(**{"anomaly_size": "scaled", "opacity": "strong", "anomaly_place": "inside", "amp": 1,
-                              **ck["args"]})
+    # data, image size, holdout, resize and pseudo anomalies of stage 3 (a checkpoint older than a flag: what it did)
+    a = argparse.Namespace(**{**common.BEFORE_FLAG, **ck["args"]})
     holdout = common.train_images(a, part="holdout")  # (M, C, H, W) uint8, never trained on
     if not len(holdout):
         raise common.UserError(f"{out}: stage 3 ran with --holdout 0, so there is nothing to validate on")
@@ -122,8 +121,7 @@ def main(argv=None):
         print(f"{Path(a['data']).name}: {a['opacity']}, {a['anomaly_size']}, {a['anomaly_place']}, "
               f"{a['anomaly_kind']} | {a['runs']} | {rho[0]} | {rho[1]}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"rows": rows, "agreement": agree}, indent=1))
+        common.write_json(args.json, {"rows": rows, "agreement": agree})
         print(f"revalidate: wrote {args.json}")
 
 

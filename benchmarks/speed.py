@@ -24,7 +24,6 @@ load average at the start and the end.
 Models are the defaults of each stage at random initialisation: speed does not depend on training.
 """
 import argparse
-import json
 import os
 import re
 import resource
@@ -423,9 +422,8 @@ def main(argv=None):
                   settings={k: getattr(args, k) for k in ("batch_size", "depth", "amp", "channels_last", "compile")},
                   rows=rows)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = f"{device.type}" + ("_cl" if args.channels_last else "") + ("_compile" if args.compile else "")
-    (out / f"speed_{tag}.json").write_text(json.dumps(report, indent=1))
+    common.write_json(out / f"speed_{tag}.json", report)
     md = [f"device: {report['device_name']}; batch {args.batch_size} (FAIR {min(args.fair_batch, args.batch_size)}), "
           f"N = {args.depth}; load average (1, 5, 15 min) {load_start} at the start, {report['load_average']['end']} "
           "at the end", "", peak_line(peak),
@@ -440,7 +438,7 @@ def main(argv=None):
            "item", "", "peak memory: CPU, peak RSS of one call in a fresh process above its loaded, warmed-up "
            "baseline; CUDA, torch.cuda.max_memory_allocated of one call"]
     md += ["", "parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items())]
-    (out / f"speed_{tag}.md").write_text("\n".join(md) + "\n")
+    common.write_text(out / f"speed_{tag}.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

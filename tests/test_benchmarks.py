@@ -162,6 +162,17 @@ def test_revalidate_redraws_stage3s_validation(toy_data, tmp_path):
     rows = {r["anomaly_place"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())["rows"]}
     assert rows["inside"]["p_auroc"] == pytest.approx(logged["p_auroc"], abs=1e-6)  # the run's own placement
     assert rows["anywhere"]["anomalous_px"] != pytest.approx(rows["inside"]["anomalous_px"])  # other blocks
+    revalidate.main(["--out", str(tmp_path), "--opacity", "strong", "--anomaly_size", "scaled",
+                     "--json", str(tmp_path / "rv.json")])
+    scaled = json.loads((tmp_path / "rv.json").read_text())["rows"][0]
+    ck = torch.load(tmp_path / "stage3_crd.pt", weights_only=True)  # a checkpoint from before the anomaly flags:
+    ck["args"] = {k: v for k, v in ck["args"].items() if k not in ("anomaly_size", "opacity", "anomaly_place")}
+    torch.save(ck, tmp_path / "stage3_crd.pt")  # read as what stage 3 drew then (common.BEFORE_FLAG)
+    revalidate.main(["--out", str(tmp_path), "--opacity", "strong", "--json", str(tmp_path / "rv.json")])
+    old = json.loads((tmp_path / "rv.json").read_text())["rows"][0]
+    assert (old["trained_anomaly_size"], old["trained_opacity"], old["trained_anomaly_place"]) == \
+        ("scaled", "strong", "inside")
+    assert old["val"] == scaled["val"]
 
 
 def test_revalidate_agreement_ranks_chains_like_the_test_split():

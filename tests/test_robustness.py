@@ -27,6 +27,18 @@ def saves_of(monkeypatch):
 # ----------------------------------------------------------------------------- checkpoints and interrupts
 
 
+def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
+    """common.atomic_open (every checkpoint, metrics.json, results.md/csv, benchmark JSON): a write that fails
+    half way keeps the old file and leaves no temp file; write_json writes nan as null (valid JSON)."""
+    path = tmp_path / "sub" / "metrics.json"
+    common.write_json(path, {"auroc": float("nan"), "rows": (1.5, float("nan"))})
+    assert path.read_text().split() == '{ "auroc": null, "rows": [ 1.5, null ] }'.split()
+    with pytest.raises(KeyboardInterrupt), common.atomic_open(path) as f:
+        f.write("half of a new file")
+        raise KeyboardInterrupt
+    assert '"auroc": null' in path.read_text() and os.listdir(path.parent) == ["metrics.json"]
+
+
 def test_checkpoint_every_few_minutes_of_wall_time(toy_data, tmp_path, monkeypatch):
     steps = saves_of(monkeypatch)
     stage1_rcae.main(quick_args(toy_data, tmp_path / "a", max_steps=4, save_every=1000, save_every_min=1e-9))
