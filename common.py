@@ -469,6 +469,11 @@ OPACITIES = ("strong", "draem")
 # lie within 8 px of it, where a quarter of the image's area does). "anywhere": the block's centre is uniform over the
 # image and the border cuts the block, as DRAEM's anomaly masks (Perlin noise over the whole image) do.
 PLACES = ("inside", "anywhere")
+# --anomaly_colour: the colour of colour blocks and cracks. "uniform" (our first reading; the paper gives none):
+# U[0, 1] per channel. "image": U[min, max] of the image's own values per channel, so no pseudo anomaly is brighter
+# or darker than everything in its image: on a dark category most uniform colours are, and CRD can find them by
+# brightness alone, a cue no real defect of that category gives (README, "Reading the paper").
+COLOURS = ("uniform", "image")
 ANOMALY_KINDS = ("colour", "paste", "crack")  # pseudo_anomaly's kinds; in this order all three draw the old stream
 WARP = "warp"  # a kind no stage trains on, for validations only (benchmarks.revalidate --anomaly_kind warp)
 MIN_VISIBLE = 0.5  # a masked pixel changed by more than this fraction of the image's intensity std
@@ -480,7 +485,7 @@ def _is_gray(img):
 
 
 def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=1024, size_mode="scaled",
-                   opacity="strong", kinds=ANOMALY_KINDS, place="inside"):
+                   opacity="strong", kinds=ANOMALY_KINDS, place="inside", colours="uniform"):
     """Paste pseudo anomalies into one image (paper, "Training Strategy"; README, "Reading the paper").
 
     img: (C, H, W) float in [0, 1]; gen: torch.Generator, the only source of randomness.
@@ -496,22 +501,27 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
     as before the option existed (benchmarks.revalidate validates on one kind at a time). WARP, a fourth kind
     for validations only, moves the block's own texture along a smooth random field (geometry, no new intensities).
     `place` (PLACES): "inside" keeps every block inside the image; "anywhere" centres it anywhere, the border
-    cutting it.
+    cutting it. `colours` (COLOURS): "uniform" draws colours from [0, 1], "image" from the image's own range
+    per channel (the same draws, mapped into it).
     Returns (image (C, H, W), mask (1, H, W) float). The mask marks the changed pixels that are visible:
     changed by more than MIN_VISIBLE x the image's intensity std (at least 1/255), so a patch pasted onto
     similar texture is not labelled as an anomaly nobody could see.
     """
-    unknown = sorted({*kinds} - {*ANOMALY_KINDS, WARP}) + ([place] if place not in PLACES else [])
+    unknown = (sorted({*kinds} - {*ANOMALY_KINDS, WARP}) + ([place] if place not in PLACES else [])
+               + ([colours] if colours not in COLOURS else []))
     if unknown or not kinds:
-        raise ValueError(f"pseudo_anomaly: unknown kinds or place {unknown or kinds}: kinds are "
-                         f"{(*ANOMALY_KINDS, WARP)}, places {PLACES}")
+        raise ValueError(f"pseudo_anomaly: unknown kinds, place or colours {unknown or kinds}: kinds are "
+                         f"{(*ANOMALY_KINDS, WARP)}, places {PLACES}, colours {COLOURS}")
     c, h, w = img.shape
     scale = {"scaled": h / base_size, "pixels": 1.0, "relative": 4 * h / base_size}[size_mode]
     gray = _is_gray(img)
+    if colours == "image":  # (C, 1, 1) each channel's range in this image
+        lo, hi = img.amin((1, 2), keepdim=True), img.amax((1, 2), keepdim=True)
 
     def colour(*shape):  # (C, *shape) random colour, the same in every channel of a gray image
         v = torch.rand(1 if gray else c, *shape, generator=gen)
-        return v.expand(c, *shape) if gray else v
+        v = v.expand(c, *shape) if gray else v
+        return lo.view(c, *[1] * len(shape)) + (hi - lo).view(c, *[1] * len(shape)) * v if colours == "image" else v
 
     def alpha(low):  # the opacity of one anomaly: U[low, 1] ("draem": U[0.1, 1]); 1 (opaque) draws nothing
         low = 0.1 if opacity == "draem" else low
@@ -556,7 +566,8 @@ def pseudo_anomaly(img, gen, max_blocks=3, block_sizes=(32, 64, 128), base_size=
     return out, (region & visible)[None].float()
 
 
-def augment_batch(x, gen, prob, size_mode="scaled", opacity="strong", kinds=ANOMALY_KINDS, place="inside"):
+def augment_batch(x, gen, prob, size_mode="scaled", opacity="strong", kinds=ANOMALY_KINDS, place="inside",
+                  colours="uniform"):
     """Pseudo anomalies on each image of a batch with probability `prob`.
 
     x: (B, C, H, W) float in [0, 1] -> (images (B, C, H, W), masks (B, 1, H, W))."""
@@ -564,7 +575,7 @@ def augment_batch(x, gen, prob, size_mode="scaled", opacity="strong", kinds=ANOM
     for i in range(len(x)):
         if float(torch.rand(1, generator=gen)) < prob:
             out[i], masks[i] = pseudo_anomaly(x[i], gen, size_mode=size_mode, opacity=opacity, kinds=kinds,
-                                              place=place)
+                                              place=place, colours=colours)
     return out, masks
 
 
@@ -607,7 +618,7 @@ def conv_cat(conv, *parts):
 INHERITED = ("image_size", "depth", "holdout", "resize", "train_fraction")  # a downstream stage takes these from stage 1
 # what a checkpoint written before a flag existed did (for the pseudo-anomaly flags: what its stage drew)
 BEFORE_FLAG = {"resize": "squash", "train_fraction": 1.0, "anomaly_size": "scaled", "opacity": "strong",
-               "anomaly_place": "inside"}
+               "anomaly_place": "inside", "anomaly_colour": "uniform"}
 
 
 # --lr_schedule: multiplier of --lr at optimiser step `step` (1-based) of `total`. The paper gives no schedule
@@ -748,12 +759,15 @@ def add_anomaly_args(g, prob_help):
     g.add_argument("--anomaly_place", choices=PLACES, default="inside",
                    help="where pseudo anomalies go: inside (every block wholly in the image) or anywhere (the "
                         "block's centre anywhere, the border cutting it, so anomalies reach the border too)")
+    g.add_argument("--anomaly_colour", choices=COLOURS, default="uniform",
+                   help="colours of colour blocks and cracks: uniform (U[0, 1] per channel) or image (within the "
+                        "image's own range per channel, so none is brighter or darker than all of the image)")
 
 
 def anomaly_kwargs(args):
     """The flags add_anomaly_args added, as the keyword arguments of the stages' make_batch."""
     return {"anomaly_prob": args.anomaly_prob, "anomaly_size": args.anomaly_size, "opacity": args.opacity,
-            "anomaly_place": args.anomaly_place}
+            "anomaly_place": args.anomaly_place, "anomaly_colour": args.anomaly_colour}
 
 
 def default_out(data):

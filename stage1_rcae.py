@@ -237,10 +237,11 @@ def recon_loss(recon, target):
 
 
 def make_batch(x, gen, anomaly_prob, depth, anomaly_size="scaled", random_depth=True, opacity="strong",
-               sampling="random", anomaly_place="inside"):
+               sampling="random", anomaly_place="inside", anomaly_colour="uniform"):
     """x (B, C, H, W) clean -> the step's batch; runs in the loader workers (module level: picklable)."""
     # denoising on pseudo anomalies
-    noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity, place=anomaly_place)
+    noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity, place=anomaly_place,
+                                    colours=anomaly_colour)
     if not random_depth:  # a ConvAE always runs all N levels
         n = torch.tensor([depth])
     elif sampling == "inverse":  # --depth_sampling inverse: p(n) proportional to 1/n

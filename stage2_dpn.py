@@ -113,12 +113,14 @@ def dpn_loss(refined, image):
 # ----------------------------------------------------------------------------- train
 
 
-def make_batch(x, gen, anomaly_prob=0.0, anomaly_size="scaled", opacity="strong", anomaly_place="inside"):
+def make_batch(x, gen, anomaly_prob=0.0, anomaly_size="scaled", opacity="strong", anomaly_place="inside",
+               anomaly_colour="uniform"):
     """Clean normal images only (paper); with --anomaly_prob > 0 the input carries pseudo anomalies and the
     clean image is the target."""
     if not anomaly_prob:
         return {"image": x}  # (B, C, H, W)
-    noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity, place=anomaly_place)
+    noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity, place=anomaly_place,
+                                    colours=anomaly_colour)
     return {"image": noisy, "target": x}
 
 

@@ -287,9 +287,11 @@ def crd_loss(logits, mask, kind="l2"):
 # ----------------------------------------------------------------------------- train
 
 
-def make_batch(x, gen, anomaly_prob, anomaly_size="scaled", opacity="strong", anomaly_place="inside"):
+def make_batch(x, gen, anomaly_prob, anomaly_size="scaled", opacity="strong", anomaly_place="inside",
+               anomaly_colour="uniform"):
     """x (B, C, H, W) clean -> images with pseudo anomalies and their masks M_P (all zero if untouched)."""
-    images, masks = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity, place=anomaly_place)
+    images, masks = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity, place=anomaly_place,
+                                         colours=anomaly_colour)
     # images (B, C, H, W), masks (B, 1, H, W)
     return {"image": images, "mask": masks}
 
@@ -310,8 +312,9 @@ def validation_set(images, args, seed=0, kinds=common.ANOMALY_KINDS):
     the pseudo-anomaly kinds drawn, all three as in training (benchmarks.revalidate also draws one at a time)."""
     gen = torch.Generator().manual_seed(common.stream_seed(VAL_STREAM, seed, 0))
     # images (M, C, H, W), masks (M, 1, H, W)
+    colours = getattr(args, "anomaly_colour", common.BEFORE_FLAG["anomaly_colour"])  # the run's own colours
     return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size, args.opacity, kinds,
-                                args.anomaly_place)
+                                args.anomaly_place, colours)
 
 
 @torch.no_grad()

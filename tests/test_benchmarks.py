@@ -138,7 +138,7 @@ def test_revalidate_redraws_stage3s_validation(toy_data, tmp_path):
     with pytest.raises(common.UserError, match="no usable stage3_crd.pt"):
         revalidate.main(["--out", str(tmp_path)])
     stage3_crd.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, width=4, max_steps=4,
-                               anomaly_size="relative", crd_input="both"))
+                               anomaly_size="relative", crd_input="both", anomaly_colour="image"))
     logged = [json.loads(line)["val"] for line in (tmp_path / "stage3_crd.log.jsonl").read_text().splitlines()
               if "val" in json.loads(line)][-1]
     revalidate.main(["--out", str(tmp_path), "--json", str(tmp_path / "rv.json")])
@@ -172,7 +172,12 @@ def test_revalidate_redraws_stage3s_validation(toy_data, tmp_path):
     old = json.loads((tmp_path / "rv.json").read_text())["rows"][0]
     assert (old["trained_anomaly_size"], old["trained_opacity"], old["trained_anomaly_place"]) == \
         ("scaled", "strong", "inside")
-    assert old["val"] == scaled["val"]
+    assert old["val"] == scaled["val"] and old["anomaly_colour"] == "image"  # the run's own colours
+    del ck["args"]["anomaly_colour"]  # and from before --anomaly_colour: uniform colours, other draws
+    torch.save(ck, tmp_path / "stage3_crd.pt")
+    revalidate.main(["--out", str(tmp_path), "--opacity", "strong", "--json", str(tmp_path / "rv.json")])
+    old = json.loads((tmp_path / "rv.json").read_text())["rows"][0]
+    assert old["anomaly_colour"] == "uniform" and old["val"]["p_auroc"] != scaled["val"]["p_auroc"]
 
 
 def test_revalidate_agreement_ranks_chains_like_the_test_split():

@@ -307,29 +307,49 @@ def test_pseudo_anomalies_reach_the_border_when_placed_anywhere():
             near, total = near + float(mask[0][band].sum()), total + float(mask.sum())
         share[place] = near / total
     assert share["anywhere"] > 0.15 and share["anywhere"] > 2 * share["inside"], share
-    for bad in ({"kinds": ("scratch",)}, {"kinds": ()}, {"place": "edge"}):  # a typo is an error, not a paste
-        with pytest.raises(ValueError, match="unknown kinds or place"):
+    for bad in ({"kinds": ("scratch",)}, {"kinds": ()}, {"place": "edge"}, {"colours": "rgb"}):  # a typo: an error
+        with pytest.raises(ValueError, match="unknown kinds, place or colours"):
             common.pseudo_anomaly(img, torch.Generator().manual_seed(0), **bad)
 
 
-def test_every_stage_places_pseudo_anomalies_by_its_flag():
-    """--anomaly_place reaches each stage's batches through anomaly_kwargs: "anywhere" draws other anomalies than
-    "inside" from the same generator, in stage 1's noisy input, stage 2's and stage 3's images."""
+def test_every_stage_places_and_colours_pseudo_anomalies_by_its_flags():
+    """--anomaly_place and --anomaly_colour reach each stage's batches through anomaly_kwargs: "anywhere" draws
+    other anomalies than "inside" from the same generator, in stage 1's noisy input, stage 2's and stage 3's
+    images; on a dark batch "image" colours stay below its brightest pixel, "uniform" ones do not."""
     import argparse
 
     import stage1_rcae
     import stage2_dpn
     import stage3_crd
-    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.25  # dark
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     batch = {"stage1_rcae": lambda **kw: stage1_rcae.make_batch(x, g(), depth=2, **kw)["input"],
              "stage2_dpn": lambda **kw: stage2_dpn.make_batch(x, g(), **kw)["image"],
              "stage3_crd": lambda **kw: stage3_crd.make_batch(x, g(), **kw)["image"]}
+    flags = lambda place="inside", colour="uniform": common.anomaly_kwargs(argparse.Namespace(  # noqa: E731
+        anomaly_prob=1.0, anomaly_size="relative", opacity="strong", anomaly_place=place, anomaly_colour=colour))
     for stage, make in batch.items():
-        kw = {place: common.anomaly_kwargs(argparse.Namespace(anomaly_prob=1.0, anomaly_size="relative",
-                                                              opacity="strong", anomaly_place=place))
-              for place in common.PLACES}
-        assert not torch.equal(make(**kw["inside"]), make(**kw["anywhere"])), stage
+        assert not torch.equal(make(**flags("inside")), make(**flags("anywhere"))), stage
+        assert make(**flags(colour="uniform")).max() > 0.3 >= make(**flags(colour="image")).max(), stage
+
+
+def test_image_colours_stay_in_the_images_range():
+    """--anomaly_colour image: colour blocks and cracks inside each channel's range of their own image (a dark
+    image gets dark anomalies, still visible ones; a gray image gray ones); uniform colours leave that range."""
+    dark = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.2, 0.1, 0.3])[:, None, None]
+    gray = dark[:1].expand(3, 64, 64).contiguous()
+    lo, hi = dark.amin((1, 2), keepdim=True), dark.amax((1, 2), keepdim=True)
+    outside = 0
+    for seed in range(20):
+        kinds = (("colour", "crack")[seed % 2],)
+        g = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
+        out, mask = common.pseudo_anomaly(dark, g(), size_mode="relative", kinds=kinds, colours="image")
+        assert mask.sum() > 0 and (out >= lo - 1e-6).all() and (out <= hi + 1e-6).all()
+        out, mask = common.pseudo_anomaly(gray, g(), size_mode="relative", kinds=kinds, colours="image")
+        assert mask.sum() > 0 and common._is_gray(out) and out.max() <= gray.max() + 1e-6
+        out, _ = common.pseudo_anomaly(dark, g(), size_mode="relative", kinds=kinds)  # uniform, the default
+        outside += int(((out < lo - 1e-6) | (out > hi + 1e-6)).any())
+    assert outside >= 15
 
 
 def test_gray_images_get_gray_pseudo_anomalies():
