@@ -268,8 +268,8 @@ def table(rows, study):
 
 def write_json(args, argv, results):
     command = "python -m benchmarks.ablations " + " ".join(argv if argv is not None else sys.argv[1:])
-    common.write_json(Path(args.out) / f"ablation_{args.study}.json",
-                      dict(study=args.study, image_size=args.image_size, steps=args.steps, command=command, rows=results))
+    common.write_json(Path(args.out) / f"ablation_{args.study}.json", dict(
+        study=args.study, image_size=args.image_size, steps=args.steps, command=command, rows=results))
 
 
 def main(argv=None):

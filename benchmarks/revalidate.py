@@ -4,7 +4,8 @@ Stage 3 validates on the holdout normal images (kept out of every stage's traini
 from a stream no training stage draws, drawn with the run's own --anomaly_size, --opacity and --anomaly_place. Does the
 validation rank chains the way the real defects of the test split do? This scores each chain's CRD map, and
 the residual |I - I_D^N| beside it, on that holdout under each --opacity, --anomaly_size, --anomaly_place and
---anomaly_kind given (the same stream; colours always the run's own --anomaly_colour), and puts the test metrics evaluate.py wrote into <out>/metrics.json beside them.
+--anomaly_kind given (the same stream; colours always the run's own --anomaly_colour), and puts the test
+metrics evaluate.py wrote into <out>/metrics.json beside them.
 The validation reads no test label; the test columns are only copied, so a validation setting can be checked
 against them: with several run folders of one category, each setting's Spearman rank correlation between the
 chains' validation and test scores (P-AUROC with P-AUROC, AUPRO with AUPRO) says how well it would have chosen.
@@ -64,11 +65,13 @@ def run_rows(out, opacities, seed, batch_size, sizes=None, kinds=("all",), place
     for opacity, size, place, kind in itertools.product(opacities, sizes or [a.anomaly_size],
                                                         places or [a.anomaly_place], kinds):
         drawn = common.ANOMALY_KINDS if kind == "all" else (kind,)
-        how = argparse.Namespace(anomaly_size=size, opacity=opacity, anomaly_place=place, anomaly_colour=a.anomaly_colour)
+        how = argparse.Namespace(anomaly_size=size, opacity=opacity, anomaly_place=place,
+                                 anomaly_colour=a.anomaly_colour)
         val = stage3_crd.validation_set(holdout, how, seed, drawn)
         r = stage3_crd.validate(crd, rcae, dpn, val, batch_size=batch_size, amp=a.amp)
         rows.append({"out": str(out), "data": str(a.data), "opacity": opacity, "anomaly_size": size,
-                     "anomaly_place": place, "anomaly_kind": kind, "anomaly_colour": a.anomaly_colour, "trained_opacity": a.opacity,
+                     "anomaly_place": place, "anomaly_kind": kind, "anomaly_colour": a.anomaly_colour,
+                     "trained_opacity": a.opacity,
                      "trained_anomaly_size": a.anomaly_size, "trained_anomaly_place": a.anomaly_place, "val": r,
                      "test": {k: {m: v.get(m) for m in ("i_auroc", "p_auroc", "aupro")} for k, v in test.items()}})
     return rows

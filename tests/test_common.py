@@ -336,7 +336,8 @@ def test_every_stage_places_and_colours_pseudo_anomalies_by_its_flags():
 def test_image_colours_stay_in_the_images_range():
     """--anomaly_colour image: colour blocks and cracks inside each channel's range of their own image (a dark
     image gets dark anomalies, still visible ones; a gray image gray ones); uniform colours leave that range."""
-    dark = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.2, 0.1, 0.3])[:, None, None]
+    dark = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    dark *= torch.tensor([0.2, 0.1, 0.3])[:, None, None]  # a dark colour image, each channel its own range
     gray = dark[:1].expand(3, 64, 64).contiguous()
     lo, hi = dark.amin((1, 2), keepdim=True), dark.amax((1, 2), keepdim=True)
     outside = 0
