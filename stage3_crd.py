@@ -312,9 +312,8 @@ def validation_set(images, args, seed=0, kinds=common.ANOMALY_KINDS):
     the pseudo-anomaly kinds drawn, all three as in training (benchmarks.revalidate also draws one at a time)."""
     gen = torch.Generator().manual_seed(common.stream_seed(VAL_STREAM, seed, 0))
     # images (M, C, H, W), masks (M, 1, H, W)
-    colours = getattr(args, "anomaly_colour", common.BEFORE_FLAG["anomaly_colour"])  # the run's own colours
     return common.augment_batch(common.to_float(images), gen, 1.0, args.anomaly_size, args.opacity, kinds,
-                                args.anomaly_place, colours)
+                                args.anomaly_place, args.anomaly_colour)
 
 
 @torch.no_grad()

@@ -98,7 +98,8 @@ def main(argv=None):
     t = torch.from_numpy(band)
     res["normal_grad_border_over_inside"] = float(g[:, t].mean() / g[:, ~t].mean())
     for place in common.PLACES:
-        how = argparse.Namespace(anomaly_size=args.anomaly_size, opacity="strong", anomaly_place=place)
+        how = argparse.Namespace(anomaly_size=args.anomaly_size, opacity="strong", anomaly_place=place,
+                                 anomaly_colour="uniform")
         _, pm = stage3_crd.validation_set(holdout, how)
         res["pseudo_share"][place] = border_share(pm[:, 0].numpy() > 0, band)
     print(f"{args.data}: share of the anomalous pixels within {args.band} px of the border ({100 * band.mean():.0f}% "

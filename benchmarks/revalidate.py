@@ -95,7 +95,7 @@ def agreement(rows):
 
 def setting(row):
     return (row["data"], row["opacity"], row["anomaly_size"], row["anomaly_place"], row["anomaly_kind"],
-            row.get("anomaly_colour", "uniform"))
+            row["anomaly_colour"])
 
 
 def pct(v):

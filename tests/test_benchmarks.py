@@ -185,7 +185,7 @@ def test_revalidate_agreement_ranks_chains_like_the_test_split():
     -1 when it reverses them; a category with fewer than 3 runs gets none."""
     def row(out, data, val, test):
         return {"out": out, "data": data, "opacity": "strong", "anomaly_size": "relative", "anomaly_place": "inside",
-                "anomaly_kind": "all", "val": {"p_auroc": val, "aupro": val},
+                "anomaly_kind": "all", "anomaly_colour": "uniform", "val": {"p_auroc": val, "aupro": val},
                 "test": {"crd": {"p_auroc": test, "aupro": 1 - test}}}
     rows = [row(f"r{i}", "bs", v, t) for i, (v, t) in enumerate([(0.9, 0.8), (0.7, 0.6), (0.5, 0.7)])]
     rows += [row("m0", "mt", 0.5, 0.5), row("m1", "mt", 0.6, 0.6)]
