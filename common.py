@@ -649,13 +649,17 @@ class EMA:
 # Named recipes: the defaults of each stage's flags that a recipe changes (explicit flags still win).
 # "paper" is the paper's settings (1024 px, lr 1e-4, 1500/400/300 epochs: days on a CPU). "cpu" is the
 # recipe measured on this project's 2-core CPU (README, "Results"): 128 px, lr 1e-3, the step budget of the
-# README's 10-minute comparison. Its reasons are in the README's "Reading the paper".
-RECIPES = {
-    "paper": {},
-    "cpu": {"stage1_rcae": dict(image_size=128, lr=1e-3, max_steps=1758),
-            "stage2_dpn": dict(lr=1e-3, max_steps=263),
-            "stage3_crd": dict(lr=1e-3, loss="focal", anomaly_size="relative", init_prior=0.01, max_steps=258)},
-}
+# README's 10-minute comparison; the tables under Results were trained with it. "cpu2", the one to use on a
+# CPU, adds what stage 1's reconstruction target and the dark copies asked for: stage 1's down and up started
+# at the principal components with a moving average of its weights, CRD's residuals divided by their normal
+# level at each pixel, and pseudo-anomaly colours within each image's range. Reasons: README, "Reading the paper".
+CPU = {"stage1_rcae": dict(image_size=128, lr=1e-3, max_steps=1758),
+       "stage2_dpn": dict(lr=1e-3, max_steps=263),
+       "stage3_crd": dict(lr=1e-3, loss="focal", anomaly_size="relative", init_prior=0.01, max_steps=258)}
+CPU2 = {"stage1_rcae": dict(updown_init="pca", ema=0.99, anomaly_colour="image"),
+        "stage2_dpn": dict(anomaly_colour="image"),
+        "stage3_crd": dict(crd_norm="position", anomaly_colour="image")}
+RECIPES = {"paper": {}, "cpu": CPU, "cpu2": {stage: {**CPU[stage], **CPU2[stage]} for stage in CPU}}
 
 
 def parse_args(p, argv, stage):
@@ -663,6 +667,8 @@ def parse_args(p, argv, stage):
     args = p.parse_args(argv)
     recipe = RECIPES[getattr(args, "recipe", "paper")].get(stage, {})
     if recipe:
+        unknown = set(recipe) - {a.dest for a in p._actions}  # set_defaults would take a misspelt flag silently
+        assert not unknown, f"RECIPES[{args.recipe!r}][{stage!r}] names flags {stage} does not have: {sorted(unknown)}"
         p.set_defaults(**recipe)
         args = p.parse_args(argv)
     return finish_args(args)
@@ -712,8 +718,10 @@ def add_shared_args(p, recursion=True, upstream=False, paper="paper", **defaults
                         "on the CPU, where workers compete with the compute threads (x0.78 measured), else 4")
     if recursion:
         g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
-                       help="named defaults: paper (the paper's settings) or cpu (128 px, lr 1e-3, the README's "
-                            "10-minute step budget); explicit flags override either")
+                       help="named defaults: paper (the paper's settings), cpu (128 px, lr 1e-3, the README's "
+                            "10-minute step budget: the recipe of its tables) or cpu2 (cpu with stage 1's pca start "
+                            "and weight average, CRD's position norm and image-range pseudo-anomaly colours: the "
+                            "one to use on a CPU); explicit flags override any")
         g = p.add_argument_group("model")
         g.add_argument("--depth", type=int, default=d["depth"], help=f"recursion depth N {said['depth']}")
     g = p.add_argument_group("optimisation")
@@ -1092,6 +1100,22 @@ def _config_diff(a, b):
     return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
+# the flags a run may change when it continues: where things are, how long it trains, on what hardware, how
+# often it reports, and stage 3's calibration (redone after every run); every other flag shapes what is trained
+RESUME_FREE = {"data", "out", "workers", "recipe", "epochs", "max_steps", "max_minutes", "device", "amp", "compile",
+               "save_every", "save_every_min", "log_every", "val_every", "overwrite", "rcae", "dpn", "topk_frac",
+               "threshold_quantile"}
+
+
+def _training_diff(saved, args):
+    """The flags (other than RESUME_FREE) whose value differs from a checkpoint's: the pseudo anomalies, the lr,
+    the seed, the loss... A flag the checkpoint does not know was not there when it was trained: compared as what
+    that run did where BEFORE_FLAG knows it, skipped otherwise."""
+    now = {k: v for k, v in plain(vars(args)).items() if k not in RESUME_FREE}
+    then = {k: saved.get(k, BEFORE_FLAG.get(k)) for k in now if k in saved or k in BEFORE_FLAG}
+    return _config_diff(then, {k: now[k] for k in then})
+
+
 def adam(params, lr):
     """The optimiser of every RcAE stage: Adam with the paper's settings ("Training Setup")."""
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
@@ -1109,8 +1133,9 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     as {"step", "val"} and kept in the checkpoint under "val". With --ema the average of the weights is what
     is validated and what a finished run saves as "model" and leaves in `model`; an unfinished one keeps the
     raw weights as "model" and the average as "ema" (resuming continues both).
-    Resumes from ckpt_path when it holds an unfinished run with the same model_config. Stops on a
-    non-finite loss, keeping the last good checkpoint. Returns the final checkpoint dict."""
+    Resumes from ckpt_path when it holds an unfinished run with the same model_config and the same flags (all
+    but RESUME_FREE). Stops on a non-finite loss, keeping the last good checkpoint. Returns the final checkpoint
+    dict."""
     device = get_device(args.device)
     model.to(device)
     opt = adam([p for p in model.parameters() if p.requires_grad], args.lr)
@@ -1120,8 +1145,9 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     if Path(ckpt_path).is_file() and not args.overwrite:
         ck = load_checkpoint(ckpt_path, stage)
         saved = {**config_defaults(model), **ck["model_config"]}  # a field added since: its default, as when rebuilt
-        if saved != cfg:
-            raise UserError(f"{ckpt_path} was trained with other settings ({_config_diff(saved, cfg)}): "
+        diff = _config_diff(saved, cfg) or _training_diff(ck.get("args", {}), args)
+        if diff:
+            raise UserError(f"{ckpt_path} was trained with other settings ({diff}): "
                             f"pass --overwrite to start over, or another --out")
         model.load_state_dict(ck["model"])
         if ck["step"] >= total:

@@ -460,8 +460,7 @@ def evaluate_category(data, out, args):
            "calibrated_threshold": calib if args.method == "rcae" else old.get("calibrated_threshold")}
     if args.method == "fair" and "image_size" in old:  # the top-level size and depth describe RcAE
         res["image_size"], res["depth"] = old["image_size"], old["depth"]
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / "metrics.json", res)
+    common.write_json(out / "metrics.json", res)  # makes `out`
     paths = [s.path for s in split.samples]
     old_scores = _read_json(out / "scores.json") or {}
     same = old_scores.get("paths") == paths  # the other method's scores only if they rank the same images

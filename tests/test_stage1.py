@@ -188,6 +188,24 @@ def test_other_settings_refused_without_overwrite(toy_data, tmp_path):
     assert torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["model_config"]["width"] == 8
 
 
+def test_resume_with_other_training_flags_refused(toy_data, tmp_path):
+    """Not only the network: a run that would continue with other pseudo anomalies, lr or seed is refused, and
+    the checkpoint is left as it was; a longer run, another device or report interval continues."""
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2, max_minutes=0))  # interrupted after step 1
+    path = tmp_path / "stage1_rcae.pt"
+    before = path.read_bytes()
+    for flag in (dict(anomaly_colour="image"), dict(opacity="draem"), dict(lr=3e-4), dict(seed=1)):
+        name, value = next(iter(flag.items()))
+        with pytest.raises(common.UserError, match=f"other settings .*{name}: .* vs {value}.*--overwrite"):
+            stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2, **flag))
+    assert path.read_bytes() == before
+    ck = torch.load(path, weights_only=True)
+    del ck["args"]["anomaly_colour"]  # as written before --anomaly_colour: it drew uniform colours (BEFORE_FLAG)
+    torch.save(ck, path)
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, log_every=5, device="cpu"))
+    assert torch.load(path, weights_only=True)["step"] == 3
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_data, tmp_path, monkeypatch):
     real = stage1_rcae.recon_loss
     calls = []
@@ -312,6 +330,16 @@ def test_cpu_recipe_sets_defaults_and_explicit_flags_win(toy_data):
     import stage3_crd
     crd = stage3_crd.get_args(["--data", toy_data, "--recipe", "cpu"])
     assert crd.image_size is None and crd.max_steps == common.RECIPES["cpu"]["stage3_crd"]["max_steps"]  # inherited size
+    cpu2 = stage1_rcae.get_args(["--data", toy_data, "--recipe", "cpu2"])  # cpu's settings and four more
+    assert (cpu2.image_size, cpu2.lr, cpu2.max_steps) == (128, 1e-3, 1758)
+    assert (cpu2.updown_init, cpu2.ema, cpu2.anomaly_colour) == ("pca", 0.99, "image")
+    assert (cpu.updown_init, cpu.ema, cpu.anomaly_colour) == ("default", 0.0, "uniform")
+    crd2 = stage3_crd.get_args(["--data", toy_data, "--recipe", "cpu2", "--anomaly_colour", "uniform"])
+    assert (crd2.loss, crd2.crd_norm, crd2.anomaly_colour, crd2.max_steps) == ("focal", "position", "uniform", 258)
+    import stage2_dpn
+    for recipe in common.RECIPES:  # every flag a recipe names is one of its stage's flags
+        for module in (stage1_rcae, stage2_dpn, stage3_crd):
+            module.get_args(["--data", toy_data, "--recipe", recipe])
 
 
 # ----------------------------------------------------------------------------- Table 4 variants (issue 12)
