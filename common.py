@@ -1110,10 +1110,10 @@ RESUME_FREE = {"data", "out", "workers", "recipe", "epochs", "max_steps", "max_m
 def _training_diff(saved, args):
     """The flags (other than RESUME_FREE) whose value differs from a checkpoint's: the pseudo anomalies, the lr,
     the seed, the loss... A flag the checkpoint does not know was not there when it was trained: compared as what
-    that run did where BEFORE_FLAG knows it, skipped otherwise."""
-    now = {k: v for k, v in plain(vars(args)).items() if k not in RESUME_FREE}
-    then = {k: saved.get(k, BEFORE_FLAG.get(k)) for k in now if k in saved or k in BEFORE_FLAG}
-    return _config_diff(then, {k: now[k] for k in then})
+    that run did where BEFORE_FLAG knows it (as benchmarks.revalidate reads old checkpoints), skipped otherwise."""
+    then = {**BEFORE_FLAG, **saved}
+    now = {k: v for k, v in plain(vars(args)).items() if k in then and k not in RESUME_FREE}
+    return _config_diff({k: then[k] for k in now}, now)
 
 
 def adam(params, lr):

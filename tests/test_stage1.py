@@ -202,6 +202,8 @@ def test_resume_with_other_training_flags_refused(toy_data, tmp_path):
     ck = torch.load(path, weights_only=True)
     del ck["args"]["anomaly_colour"]  # as written before --anomaly_colour: it drew uniform colours (BEFORE_FLAG)
     torch.save(ck, path)
+    with pytest.raises(common.UserError, match="other settings .*anomaly_colour: uniform vs image"):
+        stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, anomaly_colour="image"))
     stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, log_every=5, device="cpu"))
     assert torch.load(path, weights_only=True)["step"] == 3
 
