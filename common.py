@@ -667,7 +667,7 @@ def parse_args(p, argv, stage):
     args = p.parse_args(argv)
     recipe = RECIPES[getattr(args, "recipe", "paper")].get(stage, {})
     if recipe:
-        unknown = set(recipe) - {a.dest for a in p._actions}  # set_defaults would take a misspelt flag silently
+        unknown = set(recipe) - set(vars(args))  # set_defaults would take a misspelt flag silently
         assert not unknown, f"RECIPES[{args.recipe!r}][{stage!r}] names flags {stage} does not have: {sorted(unknown)}"
         p.set_defaults(**recipe)
         args = p.parse_args(argv)
@@ -1100,8 +1100,9 @@ def _config_diff(a, b):
     return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
-# the flags a run may change when it continues: where things are, how long it trains, on what hardware, how
-# often it reports, and stage 3's calibration (redone after every run); every other flag shapes what is trained
+# the flags a run may change when it continues: where things are (train compares the images themselves), how long
+# it trains, on what hardware, how often it reports, and stage 3's calibration (redone after every run); every other
+# flag shapes what is trained
 RESUME_FREE = {"data", "out", "workers", "recipe", "epochs", "max_steps", "max_minutes", "device", "amp", "compile",
                "save_every", "save_every_min", "log_every", "val_every", "overwrite", "rcae", "dpn", "topk_frac",
                "threshold_quantile"}
@@ -1133,8 +1134,8 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     as {"step", "val"} and kept in the checkpoint under "val". With --ema the average of the weights is what
     is validated and what a finished run saves as "model" and leaves in `model`; an unfinished one keeps the
     raw weights as "model" and the average as "ema" (resuming continues both).
-    Resumes from ckpt_path when it holds an unfinished run with the same model_config and the same flags (all
-    but RESUME_FREE). Stops on a non-finite loss, keeping the last good checkpoint. Returns the final checkpoint
+    Resumes from ckpt_path when it holds an unfinished run with the same model_config, the same flags (all
+    but RESUME_FREE) and the same training images (their sha256, "data_sha"). Stops on a non-finite loss, keeping the last good checkpoint. Returns the final checkpoint
     dict."""
     device = get_device(args.device)
     model.to(device)
@@ -1142,6 +1143,7 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     total, start = total_steps(args, len(images)), 0
     lr_at = lr_at or LR_SCHEDULES[getattr(args, "lr_schedule", "constant")]
     cfg = plain(model_config)
+    data_sha = fingerprint({"images": images})  # the very images trained on, however --data is spelt
     if Path(ckpt_path).is_file() and not args.overwrite:
         ck = load_checkpoint(ckpt_path, stage)
         saved = {**config_defaults(model), **ck["model_config"]}  # a field added since: its default, as when rebuilt
@@ -1149,6 +1151,9 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
         if diff:
             raise UserError(f"{ckpt_path} was trained with other settings ({diff}): "
                             f"pass --overwrite to start over, or another --out")
+        if ck.get("data_sha", data_sha) != data_sha:  # a checkpoint written before data_sha: not checked
+            raise UserError(f"{ckpt_path} was trained on other images than --data {args.data} gives now (another "
+                            f"folder, or its files changed): pass --overwrite to start over, or another --out")
         model.load_state_dict(ck["model"])
         if ck["step"] >= total:
             print(f"{stage}: {ckpt_path} is already trained ({ck['step']} steps); nothing to do "
@@ -1163,7 +1168,7 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     decay = getattr(args, "ema", 0.0)
     ema = EMA(model, decay, ck.get("ema") if start else None) if decay else None
     final = ema.model if ema else model  # the weights validated and saved by a finished run
-    extra = dict(extra or {})
+    extra = dict(extra or {}, data_sha=data_sha)
     net = torch.compile(model) if args.compile else model
 
     def save(step):  # a finished run drops the optimiser state (it can triple the file); resuming keeps it

@@ -10,6 +10,7 @@ both on the test split, and inference is timed round-robin on one batch. Peak me
 a bare process running one inference batch of each method above its loaded baseline.
 
     python -m benchmarks.compare --data ../shared/data/magnetic_tile --budget_min 20
+    python -m benchmarks.compare --data ../shared/data/magnetic_tile --steps 1758,263,258,83 --recipe cpu2
     python -m benchmarks.compare --data ../shared/data/magnetic_tile --steps 1758,263,258,83 --image_size 128 \
         --stage1 '--lr 1e-3' --stage2 '--lr 1e-3' --stage3 '--lr 1e-3 --loss focal --anomaly_size relative'
     python -m benchmarks.compare --data data/toy --budget_min 1 --image_size 64   # smoke run
@@ -52,7 +53,10 @@ def get_args(argv=None):
     p.add_argument("--steps", default=None,
                    help="explicit optimiser steps instead of timing: 'stage1,stage2,stage3,fair' (e.g. 1758,263,258,83) "
                         "or a previous compare.json, whose steps are reused; the same budget on any machine")
-    p.add_argument("--image_size", type=int, default=256, help="the same for both methods")
+    p.add_argument("--recipe", choices=sorted(common.RECIPES), default="paper",
+                   help="the RcAE stages' --recipe (common.RECIPES; --stageK flags override it); FAIR keeps its paper's")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="the same for both methods (default: the recipe's, 128 for cpu and cpu2, else 256)")
     p.add_argument("--depth", type=int, default=5, help="RcAE recursion depth N (paper: 5)")
     p.add_argument("--split", default="0.4,0.2,0.4", help="RcAE budget fractions of stages 1, 2, 3")
     for k in (1, 2, 3):
@@ -65,6 +69,8 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="batch-making workers (default: the stages' own)")
     p.add_argument("--seed", type=int, default=0, help="seed of both methods")
     args = p.parse_args(argv)
+    if args.image_size is None:
+        args.image_size = common.RECIPES[args.recipe].get("stage1_rcae", {}).get("image_size", 256)
     common.check_flags(args, budget_min=">0", image_size=">=1", depth=">=1", batch_size=">=1", lr=">0",
                        fair_base=">=1", workers=">=0", seed="seed")
     return args
@@ -138,8 +144,9 @@ def train_both(args, out, device):
     print("steps in the budget: " + ", ".join(f"{k} {v}" for k, v in steps.items()))
     wall = {}
     for name, module in STAGES + [("fair", fair)]:
-        extra = {"stage1_rcae": ["--depth", str(args.depth)] + args.stage1, "stage2_dpn": args.stage2,
-                 "stage3_crd": args.stage3, "fair": ["--base", str(args.fair_base)]}.get(name, [])
+        recipe = ["--recipe", args.recipe]  # before --stageK's flags, which override it
+        extra = {"stage1_rcae": recipe + ["--depth", str(args.depth)] + args.stage1, "stage2_dpn": recipe + args.stage2,
+                 "stage3_crd": recipe + args.stage3, "fair": ["--base", str(args.fair_base)]}[name]
         t0 = time.time()
         module.main(shared_flags(args, out) + extra + ["--max_steps", str(steps[name])])
         wall[name] = round((time.time() - t0) / 60, 2)
@@ -221,7 +228,7 @@ def main(argv=None):
                          infer_images_per_s=infer[kind] if variant in ("crd", "fair") else round(v["images_per_s"], 3),
                          peak_rss_mb=mem[kind] if variant in ("crd", "fair") else (None, None)))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    report = dict(data=args.data, image_size=args.image_size, budget_min=args.budget_min, split=args.split,
+    report = dict(data=args.data, recipe=args.recipe, image_size=args.image_size, budget_min=args.budget_min, split=args.split,
                   **budget, steps=steps, device=device_name,
                   n_images=metrics["n_images"], n_anomalous=metrics["n_anomalous"], rows=rows,
                   command="python -m benchmarks.compare " + " ".join(argv or __import__("sys").argv[1:]))
@@ -230,7 +237,7 @@ def main(argv=None):
     mem_cell = lambda m: "" if m[0] is None else f"{m[0]:.0f} ({m[1]:.0f})"  # noqa: E731
     md = [f"{Path(args.data).name}, {args.image_size}x{args.image_size}, {metrics['n_images']} test images "
           f"({metrics['n_anomalous']} anomalous); training budget {args.budget_min:g} min per method on {device_name} "
-          f"(RcAE stages {args.split}); steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()), "",
+          f"(RcAE --recipe {args.recipe}, stages {args.split}); steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()), "",
           "| method | I-AUROC | P-AUROC | AUPRO | params | train img/s | infer img/s | peak RSS MiB (inference part) |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -42,10 +42,14 @@ def test_compare_smoke(toy_data, tmp_path):
 
 def test_compare_explicit_steps(toy_data, tmp_path, capsys):
     compare.main(["--data", toy_data, "--out", str(tmp_path), "--steps", "3,2,2,1", "--image_size", "32",
-                  "--depth", "3", "--batch_size", "2", "--fair_base", "4", "--workers", "0", "--stage1", "--lr 1e-3"])
+                  "--depth", "3", "--batch_size", "2", "--fair_base", "4", "--workers", "0", "--recipe", "cpu2",
+                  "--stage1", "--lr 3e-4"])
     rep = json.loads((tmp_path / "compare.json").read_text())
     assert rep["steps"] == rep["budget_steps"] == {"stage1_rcae": 3, "stage2_dpn": 2, "stage3_crd": 2, "fair": 1}
-    assert torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["args"]["lr"] == 1e-3
+    ck = {name: torch.load(tmp_path / f"{name}.pt", weights_only=True)["args"] for name in compare.NAMES}
+    assert ck["stage1_rcae"]["lr"] == 3e-4 and ck["stage1_rcae"]["updown_init"] == "pca"  # --stage1 over the recipe
+    assert ck["stage2_dpn"]["lr"] == 1e-3 and ck["stage3_crd"]["crd_norm"] == "position"  # the recipe in every stage
+    assert "recipe" not in ck["fair"] and rep["recipe"] == "cpu2"  # FAIR keeps its own settings
     assert "stage1_rcae 3, stage2_dpn 2, stage3_crd 2, fair 1" in (tmp_path / "compare.md").read_text()
     assert compare.explicit_steps(str(tmp_path / "compare.json")) == rep["budget_steps"]  # reused from a run
     for bad in ("1,2,3", "a,b,c,d", "1,2,0,4"):

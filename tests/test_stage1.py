@@ -208,6 +208,23 @@ def test_resume_with_other_training_flags_refused(toy_data, tmp_path):
     assert torch.load(path, weights_only=True)["step"] == 3
 
 
+def test_resume_on_other_images_refused(toy_data, tmp_path):
+    """--data may be spelt another way (a link, a relative path), but a run continued on other images is refused
+    and its checkpoint left as it was: train compares the training images' sha256, not the path."""
+    out, link = tmp_path / "run", tmp_path / "link"
+    stage1_rcae.main(quick_args(toy_data, out, max_steps=2, max_minutes=0))  # interrupted after step 1
+    path = out / "stage1_rcae.pt"
+    before = path.read_bytes()
+    other = common.make_synthetic_category(tmp_path / "other", size=64, n_train=24, n_test_good=6, n_test_bad=6,
+                                           seed=5)
+    with pytest.raises(common.UserError, match="trained on other images than --data .*--overwrite"):
+        stage1_rcae.main(quick_args(other, out, max_steps=2))
+    assert path.read_bytes() == before
+    link.symlink_to(toy_data)
+    stage1_rcae.main(quick_args(link, out, max_steps=2))
+    assert torch.load(path, weights_only=True)["step"] == 2
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_data, tmp_path, monkeypatch):
     real = stage1_rcae.recon_loss
     calls = []
