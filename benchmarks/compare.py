@@ -168,7 +168,8 @@ else:
     model, ck = fair.load_fair(out + "/fair.pt")
     run = lambda x: fair.fair_maps(model, ck, x)
 with torch.inference_mode():
-    run(torch.rand(1, 3, 64, 64))  # loads the kernels' libraries, which would dominate the peak
+    run(torch.rand(1, 3, size, size))  # loads the kernels' libraries, which would dominate the peak (at the
+    # trained size: CRD's --crd_norm position map fits no other)
     x = torch.rand(batch, 3, size, size)
     base = rss_mb()
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
@@ -235,9 +236,10 @@ def main(argv=None):
     common.write_json(Path(out) / "compare.json", report)
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     mem_cell = lambda m: "" if m[0] is None else f"{m[0]:.0f} ({m[1]:.0f})"  # noqa: E731
+    budget_text = "explicit steps" if args.steps else f"{args.budget_min:g} min per method, split {args.split}"
     md = [f"{Path(args.data).name}, {args.image_size}x{args.image_size}, {metrics['n_images']} test images "
-          f"({metrics['n_anomalous']} anomalous); training budget {args.budget_min:g} min per method on {device_name} "
-          f"(RcAE --recipe {args.recipe}, stages {args.split}); steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()), "",
+          f"({metrics['n_anomalous']} anomalous); training budget: {budget_text}, on {device_name} "
+          f"(RcAE --recipe {args.recipe}); steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()), "",
           "| method | I-AUROC | P-AUROC | AUPRO | params | train img/s | infer img/s | peak RSS MiB (inference part) |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -50,6 +50,8 @@ def test_compare_explicit_steps(toy_data, tmp_path, capsys):
     assert ck["stage1_rcae"]["lr"] == 3e-4 and ck["stage1_rcae"]["updown_init"] == "pca"  # --stage1 over the recipe
     assert ck["stage2_dpn"]["lr"] == 1e-3 and ck["stage3_crd"]["crd_norm"] == "position"  # the recipe in every stage
     assert "recipe" not in ck["fair"] and rep["recipe"] == "cpu2"  # FAIR keeps its own settings
+    assert all(r["peak_rss_mb"][0] > 0 for r in rep["rows"] if r["variant"] in ("crd", "fair"))  # position norm too
+    assert "explicit steps" in (tmp_path / "compare.md").read_text()
     assert "stage1_rcae 3, stage2_dpn 2, stage3_crd 2, fair 1" in (tmp_path / "compare.md").read_text()
     assert compare.explicit_steps(str(tmp_path / "compare.json")) == rep["budget_steps"]  # reused from a run
     for bad in ("1,2,3", "a,b,c,d", "1,2,0,4"):
