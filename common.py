@@ -960,11 +960,12 @@ def load_checkpoint(path, stage, hint=""):
 
 
 def fingerprint(state_dict):
-    """sha256 of a state_dict's names and bytes: ties a downstream checkpoint to its exact upstream."""
+    """sha256 of named tensors' names and bytes: ties a downstream checkpoint to its exact upstream, and a run to
+    its training images (train's data_sha)."""
     h = hashlib.sha256()
     for k, t in state_dict.items():
         h.update(k.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     return h.hexdigest()
 
 
@@ -1135,8 +1136,8 @@ def train(*, stage, model, model_config, args, images, make_batch, loss_fn, ckpt
     is validated and what a finished run saves as "model" and leaves in `model`; an unfinished one keeps the
     raw weights as "model" and the average as "ema" (resuming continues both).
     Resumes from ckpt_path when it holds an unfinished run with the same model_config, the same flags (all
-    but RESUME_FREE) and the same training images (their sha256, "data_sha"). Stops on a non-finite loss, keeping the last good checkpoint. Returns the final checkpoint
-    dict."""
+    but RESUME_FREE) and the same training images (their sha256, "data_sha"). Stops on a non-finite loss, keeping
+    the last good checkpoint. Returns the final checkpoint dict."""
     device = get_device(args.device)
     model.to(device)
     opt = adam([p for p in model.parameters() if p.requires_grad], args.lr)

@@ -54,7 +54,7 @@ def get_args(argv=None):
                    help="explicit optimiser steps instead of timing: 'stage1,stage2,stage3,fair' (e.g. 1758,263,258,83) "
                         "or a previous compare.json, whose steps are reused; the same budget on any machine")
     p.add_argument("--recipe", choices=sorted(common.RECIPES), default="paper",
-                   help="the RcAE stages' --recipe (common.RECIPES; --stageK flags override it); FAIR keeps its paper's")
+                   help="the RcAE stages' --recipe (common.RECIPES; --stageK flags override it); FAIR keeps its own")
     p.add_argument("--image_size", type=int, default=None,
                    help="the same for both methods (default: the recipe's, 128 for cpu and cpu2, else 256)")
     p.add_argument("--depth", type=int, default=5, help="RcAE recursion depth N (paper: 5)")
@@ -229,8 +229,8 @@ def main(argv=None):
                          infer_images_per_s=infer[kind] if variant in ("crd", "fair") else round(v["images_per_s"], 3),
                          peak_rss_mb=mem[kind] if variant in ("crd", "fair") else (None, None)))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    report = dict(data=args.data, recipe=args.recipe, image_size=args.image_size, budget_min=args.budget_min, split=args.split,
-                  **budget, steps=steps, device=device_name,
+    report = dict(data=args.data, recipe=args.recipe, image_size=args.image_size, budget_min=args.budget_min,
+                  split=args.split, **budget, steps=steps, device=device_name,
                   n_images=metrics["n_images"], n_anomalous=metrics["n_anomalous"], rows=rows,
                   command="python -m benchmarks.compare " + " ".join(argv or __import__("sys").argv[1:]))
     common.write_json(Path(out) / "compare.json", report)
