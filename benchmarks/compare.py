@@ -142,9 +142,8 @@ def train_both(args, out, device):
         steps = {k: max(1, round(minutes[k] * 60 / sec[k])) for k in sec}
         print("seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items()))
     print("steps in the budget: " + ", ".join(f"{k} {v}" for k, v in steps.items()))
-    wall = {}
+    wall, recipe = {}, ["--recipe", args.recipe]  # the recipe before --stageK's flags, which override it
     for name, module in STAGES + [("fair", fair)]:
-        recipe = ["--recipe", args.recipe]  # before --stageK's flags, which override it
         extra = {"stage1_rcae": recipe + ["--depth", str(args.depth)] + args.stage1, "stage2_dpn": recipe + args.stage2,
                  "stage3_crd": recipe + args.stage3, "fair": ["--base", str(args.fair_base)]}[name]
         t0 = time.time()

@@ -7,6 +7,8 @@ from conftest import quick_args
 
 import common
 import stage1_rcae
+import stage2_dpn
+import stage3_crd
 from stage1_rcae import Config, RcAE, recon_loss
 
 
@@ -346,7 +348,6 @@ def test_cpu_recipe_sets_defaults_and_explicit_flags_win(toy_data):
     assert (cpu.image_size, cpu.lr, cpu.max_steps) == (128, 1e-3, 1758)
     mine = stage1_rcae.get_args(["--data", toy_data, "--recipe", "cpu", "--lr", "5e-4", "--image_size", "64"])
     assert (mine.image_size, mine.lr, mine.max_steps) == (64, 5e-4, 1758)
-    import stage3_crd
     crd = stage3_crd.get_args(["--data", toy_data, "--recipe", "cpu"])
     assert crd.image_size is None and crd.max_steps == common.RECIPES["cpu"]["stage3_crd"]["max_steps"]  # inherited size
     cpu2 = stage1_rcae.get_args(["--data", toy_data, "--recipe", "cpu2"])  # cpu's settings and four more
@@ -355,7 +356,6 @@ def test_cpu_recipe_sets_defaults_and_explicit_flags_win(toy_data):
     assert (cpu.updown_init, cpu.ema, cpu.anomaly_colour) == ("default", 0.0, "uniform")
     crd2 = stage3_crd.get_args(["--data", toy_data, "--recipe", "cpu2", "--anomaly_colour", "uniform"])
     assert (crd2.loss, crd2.crd_norm, crd2.anomaly_colour, crd2.max_steps) == ("focal", "position", "uniform", 258)
-    import stage2_dpn
     for recipe in common.RECIPES:  # every flag a recipe names is one of its stage's flags
         for module in (stage1_rcae, stage2_dpn, stage3_crd):
             module.get_args(["--data", toy_data, "--recipe", recipe])
