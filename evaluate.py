@@ -14,7 +14,7 @@ FAIR keeps its own paper's post-processing (a 21x21 mean filter at 256 px, scale
 Image size, depth and --resize come from the stage-1 checkpoint (FAIR: its own). Masks are optional: I-AUROC
 and best F1 are over all test images, P-AUROC and AUPRO over the images whose pixel ground truth is known
 (normal images, anomalous ones with a mask). They are computed on each image's metric frame: its own aspect
-ratio with the long side at the model's size (common.metric_frame), the map taken back from the square input.
+ratio with the long side at the model's size (metric_frame), the map taken back from the square input.
 A stage missing from <out> is taken from the path its downstream checkpoint recorded (Table 6 runs).
 Each variant runs only what it needs (rcae: one depth-N pass; rcae+dpn: plus DPN on that depth), and
 its images/s is the time to produce the maps of the whole test split after one warm-up batch, host
@@ -55,6 +55,7 @@ import csv
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,12 +63,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
 import common
+import stage3_crd
 from common import UserError
+from metrics import aupro, best_f1, image_auroc, pixel_auroc
 
 RCAE_VARIANTS = ("rcae", "rcae+dpn", "crd")
 CKPT = {"stage1_rcae": "stage1_rcae.pt", "stage2_dpn": "stage2_dpn.pt", "stage3_crd": "stage3_crd.pt",
@@ -82,7 +84,6 @@ def get_args(argv=None):
     g.add_argument("--data", default=None, help="a category (mvtec/bottle) or a folder of categories (mvtec)")
     g.add_argument("--out", default=None, help="checkpoint and output folder (default: runs/<parent>/<category>); "
                                                "for a folder of categories, the results folder holding <category>/")
-    g.add_argument("--workers", type=int, default=2, help="threads decoding the test images")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["rcae", "fair"], default="rcae",
                    help="rcae: every RcAE variant whose checkpoints exist; fair: the FAIR baseline")
@@ -104,98 +105,72 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.data is None and (args.predict is None or args.out is None):
         raise UserError("pass --data (a category or a folder of categories), or --predict IMG with --out")
-    common.check_flags(args, workers=">=0", sigma=">=0", topk_frac="(0,1]", batch_size=">=1", n_figures=">=0")
+    common.check_flags(args, sigma=">=0", topk_frac="(0,1]", batch_size=">=1", n_figures=">=0")
     return args
 
 
-# ----------------------------------------------------------------------------- metrics
-# Every metric needs both classes; with only one present it is "not defined" and returns nan (null in
-# metrics.json) instead of raising, so a test split without anomalies still gets a report.
+# ----------------------------------------------------------------------------- the test split
 
 
-def _both(y):
-    return 0 < int(np.count_nonzero(y)) < y.size
+def read_mask(path, size, resize="squash"):
+    """Mask file -> bool binarised at > 0, nearest: (size, size) by `resize`, or (h, w) for size=(h, w)."""
+    with Image.open(path) as im:
+        im.load()
+        a = np.asarray(im.convert("L") if im.mode not in ("I", "I;16", "F", "L") else im)
+        m = Image.fromarray((a > 0).astype(np.uint8) * 255)
+        m = m.resize(size[::-1], Image.NEAREST) if isinstance(size, tuple) else common.fit(m, size, resize,
+                                                                                            Image.NEAREST)
+        return np.asarray(m) > 0
 
 
-def image_auroc(labels, scores):
-    """Image-level AUROC. labels (M,) {0,1}, scores (M,) -> float in [0, 1], nan if one class only."""
-    y, s = np.asarray(labels).ravel() > 0, np.asarray(scores, dtype=np.float64).ravel()
-    return float(roc_auc_score(y, s)) if _both(y) else math.nan
+@dataclass
+class Split:
+    images: torch.Tensor  # (M, 3, H, W) uint8, the model input (--resize)
+    masks: torch.Tensor  # (M, 1, H, W) bool, the same geometry; all False for normal images and missing masks
+    labels: torch.Tensor  # (M,) int64
+    samples: list  # the common.Sample of each row
+    sizes: list  # (height, width) of each original image
+    resize: str = "squash"
+
+    def __len__(self):
+        return len(self.samples)
+
+    @property
+    def has_mask(self):
+        """(M,) bool: the pixel ground truth is known (normal images, anomalous ones with a mask file)."""
+        return torch.tensor([s.label == 0 or s.mask is not None for s in self.samples], dtype=torch.bool)
 
 
-def _flat(arrays, dtype=None):
-    """(M, H, W) array, or a list of (H_i, W_i) arrays (images of several sizes) -> one flat array."""
-    if isinstance(arrays, np.ndarray):
-        return arrays.ravel() if dtype is None else arrays.astype(dtype, copy=False).ravel()
-    return np.concatenate([np.asarray(a, dtype=dtype).ravel() for a in arrays]) if len(arrays) else np.zeros(0, dtype)
+def read_test(sample, size, resize):
+    mask = read_mask(sample.mask, size, resize) if sample.mask else np.zeros((size, size), bool)
+    return common.read_image(sample.path, size, resize), mask
 
 
-def pixel_auroc(masks, maps):
-    """Pixel-level AUROC over all test pixels. masks (M, H, W) binarised at > 0, maps (M, H, W); or lists of
-    per-image (H_i, W_i) arrays."""
-    y, s = _flat(masks) > 0, _flat(maps, np.float32)
-    return float(roc_auc_score(y, s)) if _both(y) else math.nan
+def load_test(data, image_size, resize="squash"):
+    """The test split of a category, decoded into memory (the only code that reads it)."""
+    samples, out, sizes = common.decode(common.list_samples(data, "test"), read_test, image_size, resize)
+    images = torch.from_numpy(np.stack([img for img, _ in out])).permute(0, 3, 1, 2).contiguous()
+    masks = torch.from_numpy(np.stack([m for _, m in out]))[:, None]
+    return Split(images, masks, torch.tensor([s.label for s in samples]), list(samples), list(sizes), resize)
 
 
-def best_f1(labels, scores):
-    """The best F1 over all thresholds and that threshold: (f1, threshold); (nan, nan) if one class only.
-    An image is called anomalous when its score is >= threshold."""
-    y, s = np.asarray(labels).ravel() > 0, np.asarray(scores, dtype=np.float64).ravel()
-    if not _both(y):
-        return math.nan, math.nan
-    p, r, t = precision_recall_curve(y, s)
-    p, r = p[:-1], r[:-1]  # the last point (recall 0) has no threshold
-    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
-    i = int(np.argmax(f1))
-    return float(f1[i]), float(t[i])
+def metric_frame(h, w, size):
+    """The grid an (h, w) image's map is evaluated on: its own aspect ratio, the long side `size` px."""
+    s = size / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
 
 
-def aupro(masks, maps, fpr_limit=0.3):
-    """Area under the per-region-overlap curve up to FPR `fpr_limit`, normalised by it (README, "Reading the paper"), exact.
-
-    Every distinct score t is a threshold (a pixel is positive when its score >= t). Regions are the
-    8-connected components of each ground-truth mask. FPR(t) is the fraction of normal pixels (of all
-    images) at or above t; PRO(t) the mean over all regions of the fraction of the region at or above t.
-    The curve runs from (0, 0) through every threshold to (1, 1); it is integrated with the trapezoid
-    rule up to FPR = fpr_limit (interpolated there) and divided by fpr_limit, so the result is in [0, 1].
-    masks (M, H, W) binarised at > 0, maps (M, H, W), or lists of per-image (H_i, W_i) arrays. nan when
-    there is no region or no normal pixel.
-
-    One sort of all pixels replaces the threshold loop: a pixel of region r adds 1 / (R |r|) to PRO once
-    the threshold passes its score, so PRO and FPR are cumulative sums in descending score order."""
-    shapes = [(np.shape(a), np.shape(b)) for a, b in zip(masks, maps)]
-    if len(masks) != len(maps) or any(a != b or len(a) != 2 for a, b in shapes):
-        raise ValueError(f"aupro: masks and maps must both be (M, H, W) or lists of equal (H_i, W_i), got {shapes[:3]}")
-    regions, n_regions = [], 0  # 0 = normal pixel, 1..R = region id over all images
-    for m in masks:
-        lab, n = ndimage.label(np.asarray(m) > 0, structure=np.ones((3, 3), int))  # 8-connectivity
-        regions.append(np.where(lab > 0, lab + n_regions, 0).ravel())
-        n_regions += n
-    region = np.concatenate(regions) if regions else np.zeros(0, np.int64)
-    maps = _flat(maps)
-    if not np.issubdtype(maps.dtype, np.floating):
-        maps = maps.astype(np.float64)
-    size = np.bincount(region, minlength=n_regions + 1)  # (R + 1,) pixels per region, [0] = normal
-    n_normal = int(size[0])
-    if n_regions == 0 or n_normal == 0:
-        return math.nan
-    gain = np.r_[0.0, 1.0 / (n_regions * size[1:])]  # (R + 1,) PRO gained per pixel of each region
-    order = np.argsort(maps, kind="stable")[::-1]  # descending score
-    s = maps[order]
-    ids = region[order]
-    del order, region
-    fpr = np.cumsum(ids == 0, dtype=np.int64)
-    pro = np.cumsum(gain[ids])
-    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # last pixel of each distinct score: a threshold
-    fpr = np.r_[0.0, fpr[last] / n_normal]
-    pro = np.r_[0.0, np.minimum(pro[last], 1.0)]  # (T + 1,) the curve from (0, 0)
-    k = int(np.searchsorted(fpr, fpr_limit, side="right"))  # points with fpr <= limit: [0, k)
-    x, y = fpr[:k], pro[:k]
-    if k < len(fpr) and x[-1] < fpr_limit:  # interpolate the curve at exactly fpr_limit
-        f0, f1, p0, p1 = fpr[k - 1], fpr[k], pro[k - 1], pro[k]
-        x, y = np.r_[x, fpr_limit], np.r_[y, p0 + (p1 - p0) * (fpr_limit - f0) / (f1 - f0)]
-    area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
-    return min(1.0, area / fpr_limit)
+def map_to_image(m, hw, size, resize, out_hw):
+    """A map of the model input back onto the image: (B, 1, size, size) -> (B, 1, *out_hw), the inverse of
+    `resize` for an original of hw = (h, w). Pixels that crop never showed the model get 0."""
+    rh, rw, top, left = common.placement(*hw, size, resize)
+    canvas = m.new_zeros(*m.shape[:2], rh, rw)  # (B, 1, rh, rw): the resized image
+    y0, x0 = max(0, top), max(0, left)
+    y1, x1 = min(size, top + rh), min(size, left + rw)
+    canvas[..., y0 - top:y1 - top, x0 - left:x1 - left] = m[..., y0:y1, x0:x1]
+    if (rh, rw) == tuple(out_hw):
+        return canvas
+    return F.interpolate(canvas, size=tuple(out_hw), mode="bilinear", align_corners=False)
 
 
 # ----------------------------------------------------------------------------- models
@@ -212,8 +187,7 @@ def load_stages(out, data, method):
                             f"(or point --out at the folder that holds it)")
         from baselines.fair import load_fair  # only FAIR runs need the baseline's code
         return {"fair": load_fair(str(out / CKPT["fair"]))}
-    from stage3_crd import load_chain
-    st = load_chain(out, data=data)
+    st = stage3_crd.load_chain(out, data=data)
     if "stage3_crd" in st and "calibration" not in st["stage3_crd"][1]:  # written when stage 3 ends
         common.warn(f"the stage3_crd.pt of {out} has no calibration yet: no image threshold")
     return st
@@ -257,7 +231,7 @@ def variant_fns(st, sigma, topk_frac):
         return {"fair": lambda x: fair_maps(model, ck, x)}
 
     def scored(m, frac=topk_frac):
-        return m, common.topk_mean(m, frac)  # (B, 1, H, W), (B,)
+        return m, stage3_crd.topk_mean(m, frac)  # (B, 1, H, W), (B,)
 
     rcae = st["stage1_rcae"][0]
     fns = {"rcae": lambda x: scored(residual_map(x, rcae(x), sigma))}  # I_R^N
@@ -265,8 +239,7 @@ def variant_fns(st, sigma, topk_frac):
         dpn = st["stage2_dpn"][0]
         fns["rcae+dpn"] = lambda x: scored(residual_map(x, dpn.refine(rcae(x)[:, None], x)[:, 0], sigma))  # I_D^N
     if "stage3_crd" in st:  # always stage 3's own k, the one its threshold was calibrated with
-        from stage3_crd import detector_of
-        det = detector_of(st)
+        det = stage3_crd.detector_of(st)
         fns["crd"] = lambda x: scored(gaussian_blur(det(x)["map"], sigma), det.topk_frac)  # Eq. (8): M_A, smoothed alike
     return fns
 
@@ -359,24 +332,24 @@ def per_defect(defects, labels, pix, masks, maps, scores):
 
 
 def resize_of(st):
-    """How the stages turned images into squares (--resize of stage 1; squash before the flag existed)."""
+    """How the stages turned images into squares: stage 1's --resize."""
     ck = next(iter(st.values()))[1]
-    return ck["args"].get("resize") or common.BEFORE_FLAG["resize"]
+    return ck["args"]["resize"]
 
 
 def on_frames(split, size, maps, idx):
-    """The maps of images `idx` on their metric frames (common.metric_frame: the image's aspect ratio, long
+    """The maps of images `idx` on their metric frames (metric_frame: the image's aspect ratio, long
     side `size`), with the ground truth read on the same frames: (masks, maps), each (K, h, w) arrays when
     the frames agree, else lists. Square images need no change: the frame is the model input."""
-    frames = [common.metric_frame(*split.sizes[i], size) for i in idx]
+    frames = [metric_frame(*split.sizes[i], size) for i in idx]
     if all(f == (size, size) for f in frames):
         return split.masks[torch.as_tensor(idx, dtype=torch.long), 0].numpy(), maps[idx]
     masks, out = [], []
     for i, f in zip(idx, frames):
         s = split.samples[i]
-        masks.append(common.read_mask(s.mask, f) if s.mask else np.zeros(f, bool))  # (h, w)
+        masks.append(read_mask(s.mask, f) if s.mask else np.zeros(f, bool))  # (h, w)
         m = torch.from_numpy(maps[i])[None, None]  # (1, 1, size, size)
-        out.append(common.map_to_image(m, split.sizes[i], size, split.resize, f)[0, 0].numpy())  # (h, w)
+        out.append(map_to_image(m, split.sizes[i], size, split.resize, f)[0, 0].numpy())  # (h, w)
     if len(set(frames)) == 1:
         return np.stack(masks), np.stack(out)
     return masks, out
@@ -406,7 +379,7 @@ def evaluate_category(data, out, args):
         model.to(device)
     size = image_size_of(st)
     depth = st["stage1_rcae"][1]["model_config"]["depth"] if "stage1_rcae" in st else None
-    split = common.load_split(str(data), "test", size, args.workers, resize_of(st))
+    split = load_test(str(data), size, resize_of(st))
     labels = split.labels.numpy()  # (M,)
     defects = [smp.defect for smp in split.samples]  # (M,) "good" or the defect kind (its test folder)
     pix = np.flatnonzero(split.has_mask.numpy())  # the images whose pixel ground truth is known
@@ -570,6 +543,13 @@ def roc_figure(path, labels, scores):
 # ----------------------------------------------------------------------------- many categories
 
 
+def is_category(folder):
+    try:
+        return bool(common.detect_layout(folder))
+    except UserError:
+        return False
+
+
 def category_folders(data):
     """None when `data` is one category, else its sub-folders that are categories (any supported layout)."""
     try:
@@ -579,7 +559,7 @@ def category_folders(data):
         root = Path(data)
         if not root.is_dir():
             raise
-        cats = [d for d in sorted(root.iterdir()) if d.is_dir() and common.is_category(d)]
+        cats = [d for d in sorted(root.iterdir()) if d.is_dir() and is_category(d)]
         if not cats:
             raise
         return cats
@@ -672,7 +652,7 @@ def holdout_threshold(st, fn, variant, args, device):
         return float(cal["image_threshold"]), 1.0  # M_A is in [0, 1]
     ck = st["stage1_rcae"][1]
     data = args.data or ck["args"]["data"]
-    hold = SimpleNamespace(data=data, image_size=image_size_of(st), workers=args.workers, holdout=ck["args"]["holdout"],
+    hold = SimpleNamespace(data=data, image_size=image_size_of(st), holdout=ck["args"]["holdout"],
                            resize=resize_of(st))
     if not Path(data).is_dir():
         raise UserError(f"--variant {variant} calibrates its threshold on the holdout of train/good of {data}, which "
@@ -680,7 +660,7 @@ def holdout_threshold(st, fn, variant, args, device):
     images = common.train_images(hold, part="holdout")  # (K, 3, H, W) uint8
     if not len(images):
         raise UserError(f"--variant {variant} needs holdout images to calibrate its threshold, and stage 1 kept "
-                        f"none ({common.why_no_holdout(hold.holdout)})")
+                        f"none (--holdout {hold.holdout} of train/good)")
     maps, scores, _, _ = run_variant(fn, images, device, args.batch_size, f"holdout {variant}")
     q = cal.get("quantile") or 0.99
     return float(torch.quantile(torch.from_numpy(scores).double(), q)), float(maps.max())
@@ -737,7 +717,7 @@ def predict(args):
     images = []
     for f in files:
         try:
-            images.append(common.read_image_full(f))  # (h, w, 3) uint8, any PIL mode
+            images.append(common.read_image(f))  # (h, w, 3) uint8, any PIL mode
         except (OSError, SyntaxError, ValueError) as e:
             raise UserError(f"--predict {f}: not a readable image ({e})") from None
     wide = [f.name for f, im in zip(files, images) if im.shape[0] != im.shape[1]]
@@ -750,9 +730,9 @@ def predict(args):
     rows, used = [], set()
     for f, img in tqdm(list(zip(files, images)), desc="predict", unit="img", disable=None):
         h, w = img.shape[:2]
-        x = torch.from_numpy(common.fit_image(img, size, resize).copy())  # (S, S, 3) uint8, as the stages saw images
+        x = torch.from_numpy(np.asarray(common.fit(Image.fromarray(img), size, resize)).copy())  # (S, S, 3) uint8
         m, s = fn(common.to_float(x.permute(2, 0, 1)[None]).to(device))  # (1, 1, S, S), (1,)
-        m = common.map_to_image(m.float().cpu(), (h, w), size, resize, (h, w))[0, 0].numpy()  # (h, w)
+        m = map_to_image(m.float().cpu(), (h, w), size, resize, (h, w))[0, 0].numpy()  # (h, w)
         score = float(s[0])
         decision = "anomalous" if score > thr else "normal"
         name = f.stem if f.stem not in used else f"{f.stem}_{len(used)}"

@@ -7,10 +7,9 @@ every recursion step. E is followed by a 2x2 stride-2 conv, D ends with a 2x2 st
     reconstruction  I_R^j = up(D(I_R^{j-1})),    j = 1..n,  I_R^0 = I_C^n        Eq. (4)
 
 A depth-n recursion gives a full-resolution reconstruction I_R^n; `reconstruct_all` returns all depths
-n = 1..N sharing the compression path. Training samples n from [1, N] per batch (--depth_sampling inverse:
-with p(n) proportional to 1/n; all: every depth on every batch, averaged), feeds the image with pseudo
-anomalies part of the time, and asks for the clean image with Eq. (5): L1 on intensity + L1 on the
-first-order gradient.
+n = 1..N sharing the compression path. Training samples n uniformly from [1, N] per batch ("Training Strategy"),
+feeds the image with pseudo anomalies part of the time, and asks for the clean image with Eq. (5): L1 on
+intensity + L1 on the first-order image gradient.
 
 The paper's ablations (Tables 2, 4, 5) are the same network with three switches, each a flag, a Config
 field and a checkpoint key:
@@ -25,11 +24,13 @@ field and a checkpoint key:
                   notebooks run unchanged, and CRD sees no recursion dynamics (there are none).
 
 GPU (paper settings):  python stage1_rcae.py --data mvtec/bottle
-CPU smoke run:         python stage1_rcae.py --data data/toy --image_size 128 --max_steps 150 --batch_size 8
-Reads:  <data>/train/good (MVTec AD) or the VisA train split.
+CPU recipe:            python stage1_rcae.py --data mvtec/bottle --recipe cpu
+CPU smoke run:         python stage1_rcae.py --data data/toy --recipe cpu --image_size 64 --max_steps 300
+Reads:  the normal training images of --data (train/good in the MVTec AD layout), minus the holdout.
 Writes: <out>/stage1_rcae.pt (and stage1_rcae.log.jsonl); <out> defaults to runs/<parent>/<category>.
 """
 import argparse
+import copy
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -38,50 +39,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import UserError, grad
+from common import image_gradient
 
 STAGE = "stage1_rcae"
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
-    common.add_shared_args(p, epochs=1500)  # paper: 1500 epochs for stage 1
-    g = p.add_argument_group("model (stage 1)")
-    g.add_argument("--width", type=int, default=32, help="hidden width inside E and D (paper: not given)")
-    g.add_argument("--norm", choices=["none", "instance"], default="none",
-                   help="normalisation after each hidden conv of E and D (paper: not given; the first author's "
-                        "earlier code used InstanceNorm)")
-    g.add_argument("--input_norm", type=int, default=1,
-                   help="1: standardise the input with the training images' per-channel mean/std and undo it on "
-                        "the output, so the scale of the intensities does not matter (paper: not given; 0 = raw "
-                        "[0, 1] input. Adopted: it won on both development categories, README 'Results')")
-    g.add_argument("--out_act", choices=["none", "sigmoid"], default="none",
-                   help="activation of the final reconstruction (paper: not given)")
-    g.add_argument("--arch", choices=["rcae", "convae"], default="rcae",
-                   help="rcae: the recursion, depth n drawn from [1, N] per batch (Eq. (3)-(4)); convae: one pass "
-                        "through all N levels, depth N only (the paper's ConvAE of Tables 2, 4, 5 with --share 0)")
-    g.add_argument("--depth_sampling", choices=["random", "inverse", "all"], default="random",
-                   help="rcae training: random (one depth n drawn uniformly from [1, N] per batch, as in the paper), "
-                        "inverse (one depth per batch, drawn with p(n) proportional to 1/n: the shallow depths, which "
-                        "have the most detail to learn, get more of the batches at the same cost per step) or all "
-                        "(every depth's Eq. (5) on every batch, averaged, sharing the compression path: each depth "
-                        "gets a gradient every step instead of on 1/N of them, for about twice the time per step)")
-    g.add_argument("--updown_init", choices=["default", "pca"], default="default",
-                   help="start of the 2x2 stride-2 down and up layers: default (PyTorch's; paper: not given) or pca "
-                        "(down projects each 2x2 block of the standardised training images onto their top-C principal "
-                        "components, up maps back to their span: the best linear code of C numbers per block; every "
-                        "depth's output passes through up, README 'Results')")
-    g.add_argument("--share", type=int, default=1,
-                   help="1: one E and one D shared by every level (paper, Eq. (3)-(4)); 0: N independent "
-                        "blocks E_i, D_i (Eq. (2)), N times the parameters (Table 4)")
-    g.add_argument("--skip", type=int, default=1,
-                   help="1: E and D keep the skip connection inside them (paper); 0: without it (Table 4)")
-    g = p.add_argument_group("augmentation (stage 1)")
-    common.add_anomaly_args(g, "chance that a training image gets pseudo anomalies (paper: 'denoising', rate not given)")
+    g = common.add_shared_args(p, epochs=1500)  # paper: 1500 epochs for stage 1
+    g["model"].add_argument("--width", type=int, default=32, help="hidden width inside E and D (paper: not given)")
+    g["model"].add_argument("--standardise", type=int, default=1,
+                            help="1: standardise the input with the training images' per-channel mean and std, and "
+                                 "undo it on the output (paper: not given, i.e. 0, raw [0, 1] input; "
+                                 "docs/reading_the_paper.md)")
+    g["model"].add_argument("--updown_init", choices=["default", "pca"], default="default",
+                            help="start of the 2x2 down and up layers: default (PyTorch's; paper: not given) or pca "
+                                 "(the top-C principal components of the training images' 2x2 blocks)")
+    g["model"].add_argument("--arch", choices=["rcae", "convae"], default="rcae",
+                            help="rcae: the recursion, depth n drawn from [1, N] per batch (paper); convae: one pass "
+                                 "through all N levels, depth N only (the paper's ConvAE of Tables 2 and 4)")
+    g["model"].add_argument("--share", type=int, default=1,
+                            help="1: one E and one D shared by every level (paper, Eq. (3)-(4)); 0: N independent "
+                                 "blocks E_i, D_i (Eq. (2), Table 4)")
+    g["model"].add_argument("--skip", type=int, default=1,
+                            help="1: E and D keep their skip connection (paper); 0: without it (Table 4)")
+    g["optimisation"].add_argument("--ema", type=float, default=0.0,
+                                   help="0: save the last step's weights (paper); DECAY in (0, 1): save the moving "
+                                        "average of the weights over about the last 1/(1-DECAY) steps")
+    common.add_anomaly_args(g["data"], "chance that a training image gets pseudo anomalies (paper: denoising, "
+                                       "rate not given)")
     args = common.parse_args(p, argv, STAGE)
-    common.check_flags(args, width=">=1", input_norm="0/1", share="0/1", skip="0/1", anomaly_prob="[0,1]")
-    if args.arch == "convae" and args.depth_sampling != "random":
-        raise UserError(f"--depth_sampling {args.depth_sampling} needs --arch rcae (a ConvAE has its depth-N output only)")
+    common.check_flags(args, standardise="0/1", share="0/1", skip="0/1")
     return args
 
 
@@ -94,9 +82,7 @@ class Config:
     width: int = 32  # hidden width inside E and D
     depth: int = 5  # N, the deepest recursion
     image_size: int = 1024  # training size; any size divisible by 2^N works at inference
-    norm: str = "none"  # "instance": InstanceNorm after each hidden conv of E and D
-    input_norm: int = 0  # 1: standardise with the training set's per-channel mean/std (buffers), undo on output
-    out_act: str = "none"  # "sigmoid": squash the reconstruction into [0, 1]
+    standardise: int = 1  # standardise with the training set's per-channel mean/std (buffers), undo on output
     arch: str = "rcae"  # "convae": a single pass at depth N (Eq. (2)), no random depth
     share: int = 1  # 1: one E, D for all levels (Eq. (3)-(4)); 0: level i's own E_i, D_i (Eq. (2))
     skip: int = 1  # 0: E and D without their inner skip connection
@@ -114,23 +100,21 @@ class ConvAE(nn.Module):
 
     memory_format = torch.channels_last  # a speed choice only (benchmarks/README.md)
 
-    def __init__(self, cin, cout, width, norm="none", skip=True):
+    def __init__(self, cin, cout, width, skip=True):
         super().__init__()
         self.skip = skip
         self.enc1 = conv(cin, width)  # (B, w, H, W)
         self.enc2 = conv(width, 2 * width, stride=2)  # (B, 2w, H/2, W/2)
         self.dec2 = conv(2 * width, width)  # (B, w, H/2, W/2), then upsampled
         self.dec1 = conv(2 * width if skip else width, cout)  # skip concat (B, 2w, H, W) -> (B, cout, H, W)
-        make = (lambda c: nn.InstanceNorm2d(c, affine=True)) if norm == "instance" else (lambda c: nn.Identity())
-        self.n1, self.n2, self.n3 = make(width), make(2 * width), make(width)
         self.act = nn.LeakyReLU(0.1)
 
     def forward(self, *parts):
         """The input is the channel concat of parts (B, c_i, H, W), sum c_i = cin (DPN's I_R^n (+) I')."""
         parts = [p.contiguous(memory_format=self.memory_format) for p in parts]
-        h1 = self.act(self.n1(common.conv_cat(self.enc1, *parts)))  # (B, w, H, W)
-        h2 = self.act(self.n2(self.enc2(h1)))  # (B, 2w, H/2, W/2)
-        u = F.interpolate(self.act(self.n3(self.dec2(h2))), size=h1.shape[-2:], mode="bilinear", align_corners=False)
+        h1 = self.act(common.conv_cat(self.enc1, *parts))  # (B, w, H, W)
+        h2 = self.act(self.enc2(h1))  # (B, 2w, H/2, W/2)
+        u = F.interpolate(self.act(self.dec2(h2)), size=h1.shape[-2:], mode="bilinear", align_corners=False)
         out = common.conv_cat(self.dec1, u, h1) if self.skip else self.dec1(u)  # on [u, h1] or u: (B, cout, H, W)
         return out.contiguous()  # plain layout for callers (.view works; benchmarks/README.md)
 
@@ -147,17 +131,17 @@ class RcAE(nn.Module):
         def per_level(make):  # one module shared by every level (Eq. (3)-(4)), or one per level (Eq. (2))
             return make() if cfg.share else nn.ModuleList(make() for _ in range(cfg.depth))
 
-        self.E = per_level(lambda: ConvAE(c, c, w, cfg.norm, cfg.skip))  # all compression steps
+        self.E = per_level(lambda: ConvAE(c, c, w, cfg.skip))  # all compression steps
         self.down = per_level(lambda: nn.Conv2d(c, c, 2, stride=2))  # X_{i-1} -> X_i, halves H and W
-        self.D = per_level(lambda: ConvAE(c, c, w, cfg.norm, cfg.skip))  # all reconstruction steps
+        self.D = per_level(lambda: ConvAE(c, c, w, cfg.skip))  # all reconstruction steps
         self.up = per_level(lambda: nn.ConvTranspose2d(c, c, 2, stride=2))  # X_i -> X_{i-1}, doubles H and W
-        # the training images' per-channel mean and std (set by fit_input_norm; identity until then)
+        # the training images' per-channel mean and std (set by fit_standardise; identity until then)
         self.register_buffer("in_mean", torch.zeros(1, c, 1, 1))
         self.register_buffer("in_std", torch.ones(1, c, 1, 1))
 
-    def fit_input_norm(self, images):
-        """Set the input standardisation from uint8 training images (M, C, H, W); a no-op without input_norm."""
-        if self.cfg.input_norm:
+    def fit_standardise(self, images):
+        """Set the input standardisation from uint8 training images (M, C, H, W); a no-op without standardise."""
+        if self.cfg.standardise:
             x = images.double().div(255).transpose(0, 1).flatten(1)  # (C, M*H*W)
             self.in_mean.copy_(x.mean(1).view(1, -1, 1, 1))
             self.in_std.copy_(x.std(1).clamp_min(1e-3).view(1, -1, 1, 1))
@@ -166,7 +150,7 @@ class RcAE(nn.Module):
     def init_updown_pca(self, images):
         """--updown_init pca: every level's down starts as the projection of a 2x2 block onto the top-C
         principal components of the standardised training images' blocks (uint8 (M, C, H, W)), its up as the
-        map back: the best linear code of C numbers per block (benchmarks.depth_probe's pca_bound)."""
+        map back: the best linear code of C numbers per block."""
         c = self.cfg.channels
         mean, v = block_pca((common.to_float(images) - self.in_mean) / self.in_std, 2, c)  # (C 4,), (C, C 4)
         for i in range(1, self.cfg.depth + 1):  # with sharing, the one module each time
@@ -177,10 +161,8 @@ class RcAE(nn.Module):
             up.bias.copy_(mean.view(c, 4).mean(1))
 
     def output(self, y):
-        """The network's last tensor (normalised space) -> the reconstruction in image space."""
-        if self.cfg.input_norm:
-            y = y * self.in_std + self.in_mean
-        return torch.sigmoid(y) if self.cfg.out_act == "sigmoid" else y
+        """The network's last tensor (standardised space) -> the reconstruction in image space."""
+        return y * self.in_std + self.in_mean if self.cfg.standardise else y
 
     def level(self, modules, i):
         """The block of level i = 1..N: the one shared module, or level i's own without sharing (Eq. (2))."""
@@ -188,7 +170,7 @@ class RcAE(nn.Module):
 
     def compress(self, x, n):
         """[I_C^1, ..., I_C^n]; I_C^i is (B, C, H/2^i, W/2^i)."""
-        if self.cfg.input_norm:
+        if self.cfg.standardise:
             x = (x - self.in_mean) / self.in_std
         codes = []
         for i in range(1, n + 1):
@@ -229,26 +211,18 @@ class RcAE(nn.Module):
 def recon_loss(recon, target):
     """Eq. (5): |I - I_R^n|_1 + |I' - (I_R^n)'|_1 (mean absolute errors). Returns (total, parts)."""
     l1 = (recon - target).abs().mean()
-    l1_grad = (grad(recon) - grad(target)).abs().mean()
+    l1_grad = (image_gradient(recon) - image_gradient(target)).abs().mean()
     return l1 + l1_grad, {"l1": l1.detach(), "l1_grad": l1_grad.detach()}
 
 
 # ----------------------------------------------------------------------------- train
 
 
-def make_batch(x, gen, anomaly_prob, depth, anomaly_size="scaled", random_depth=True, opacity="strong",
-               sampling="random", anomaly_place="inside", anomaly_colour="uniform"):
+def make_batch(x, gen, depth, random_depth=True, anomaly_prob=0.5, anomaly_size="scaled", anomaly_colour="uniform"):
     """x (B, C, H, W) clean -> the step's batch; runs in the loader workers (module level: picklable)."""
-    # denoising on pseudo anomalies
-    noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity, place=anomaly_place,
-                                    colours=anomaly_colour)
-    if not random_depth:  # a ConvAE always runs all N levels
-        n = torch.tensor([depth])
-    elif sampling == "inverse":  # --depth_sampling inverse: p(n) proportional to 1/n
-        p = 1 / torch.arange(1, depth + 1, dtype=torch.float)
-        n = torch.multinomial(p / p.sum(), 1, generator=gen) + 1
-    else:  # the paper: recursion depth sampled per batch, uniformly from [1, N]
-        n = torch.randint(1, depth + 1, (1,), generator=gen)
+    noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size, anomaly_colour)  # denoising
+    # the recursion depth, drawn per batch uniformly from [1, N] ("Training Strategy"); a ConvAE always runs all N
+    n = torch.randint(1, depth + 1, (1,), generator=gen) if random_depth else torch.tensor([depth])
     return {"input": noisy, "target": x, "n": n}
 
 
@@ -257,21 +231,30 @@ def loss_fn(net, b):
     return recon_loss(recon.float(), b["target"])
 
 
-def loss_fn_all_depths(net, b):
-    """--depth_sampling all: Eq. (5) at every depth n = 1..N of the same batch, averaged."""
-    recons = net.reconstruct_all(b["input"]).float()  # (B, N, C, H, W)
-    target = b["target"][:, None].expand_as(recons)  # (B, N, C, H, W)
-    return recon_loss(recons.flatten(0, 1), target.flatten(0, 1))  # every depth has H x W pixels: the mean of means
+class EMA:
+    """--ema DECAY: an exponential moving average of the trained weights (Polyak averaging), what a finished run
+    saves (paper: none). A large constant lr leaves the last step's weights wherever Adam's noise put them; the
+    average over about the last 1/(1 - DECAY) steps is not moved by it, and training itself is unchanged.
+    decay_t = min(DECAY, (1 + t) / (10 + t)) after t steps, so the first steps are not averaged with the init."""
+
+    def __init__(self, model, decay):
+        self.decay, self.model = decay, copy.deepcopy(model)  # (never receives gradients)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, m in zip(self.model.state_dict().values(), model.state_dict().values()):
+            e.lerp_(m, 1 - d) if e.is_floating_point() else e.copy_(m)  # buffers that never change stay as they are
 
 
 def main(argv=None):
     args = get_args(argv)
-    common.seed_everything(args.seed)
-    cfg = Config(channels=3, width=args.width, depth=args.depth, image_size=args.image_size, norm=args.norm,
-                 input_norm=args.input_norm, out_act=args.out_act, arch=args.arch, share=args.share, skip=args.skip)
+    torch.manual_seed(args.seed)
+    cfg = Config(channels=3, width=args.width, depth=args.depth, image_size=args.image_size,
+                 standardise=args.standardise, arch=args.arch, share=args.share, skip=args.skip)
     model = RcAE(cfg)
     images = common.train_images(args)  # (M, 3, H, W) uint8, train/good minus the holdout
-    model.fit_input_norm(images)
+    model.fit_standardise(images)
     if args.updown_init == "pca":
         model.init_updown_pca(images)
     holdout = common.train_images(args, part="holdout")
@@ -279,11 +262,10 @@ def main(argv=None):
           f"(share {cfg.share}, skip {cfg.skip}), {common.n_params(model):,} parameters")
 
     common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
-                 make_batch=partial(make_batch, depth=cfg.depth, **common.anomaly_kwargs(args),
-                                    random_depth=cfg.arch == "rcae" and args.depth_sampling != "all",
-                                    sampling=args.depth_sampling),
-                 loss_fn=loss_fn_all_depths if args.depth_sampling == "all" else loss_fn,
-                 ckpt_path=f"{args.out}/{STAGE}.pt",
+                 make_batch=partial(make_batch, depth=cfg.depth, random_depth=cfg.arch == "rcae",
+                                    anomaly_prob=args.anomaly_prob, anomaly_size=args.anomaly_size,
+                                    anomaly_colour=args.anomaly_colour),
+                 loss_fn=loss_fn, ckpt_path=f"{args.out}/{STAGE}.pt", ema=EMA(model, args.ema) if args.ema else None,
                  validate=partial(recon_report, images=holdout, batch_size=args.batch_size) if len(holdout) else None)
 
 
@@ -338,7 +320,7 @@ def recon_report(model, images, batch_size=8):
 def load_rcae(path):
     """The frozen RcAE and its checkpoint, rebuilt from the checkpoint alone."""
     ck = common.load_checkpoint(path, STAGE, hint="python stage1_rcae.py --data PATH")
-    return common.freeze(common.build_from_checkpoint(ck, RcAE, Config)), ck
+    return common.build_from_checkpoint(ck, RcAE, Config), ck
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ reconstruction and the gradient I' of the input image:
 
 ((+) is channel concatenation.) RcAE is frozen and only clean normal images are used (paper), so DPN learns
 the detail that recursion removes from normal texture; what it adds back on an anomaly it has never seen
-is whatever I' suggests. --anomaly_prob > 0 (ours) puts stage 1's pseudo anomalies into the input of both
-RcAE and I', with the clean image as the target, so DPN also learns not to put them back. Each step
-refines all N depths of a batch at once. The last conv starts at zero: at initialisation I_D^n = I_R^n.
+is whatever I' suggests. Each step refines all N depths of a batch at once. The last conv starts at zero: at
+initialisation I_D^n = I_R^n.
 
 GPU (paper settings):  python stage2_dpn.py --data mvtec/bottle
-CPU smoke run:         python stage2_dpn.py --data data/toy --max_steps 100 --batch_size 8
-Reads:  <out>/stage1_rcae.pt (--rcae; image_size, depth and holdout are inherited from it) and the
-        same train/good images as stage 1.
+CPU recipe:            python stage2_dpn.py --data mvtec/bottle --recipe cpu
+Reads:  <out>/stage1_rcae.pt (--rcae; image size, depth, holdout, resize and train fraction are inherited from
+        it) and the same training images as stage 1.
 Writes: <out>/stage2_dpn.pt (and stage2_dpn.log.jsonl).
 """
 import argparse
@@ -28,7 +27,7 @@ import torch
 import torch.nn as nn
 
 import common
-from common import UserError, grad
+from common import image_gradient
 from stage1_rcae import ConvAE, load_rcae
 
 STAGE = "stage2_dpn"
@@ -36,27 +35,19 @@ STAGE = "stage2_dpn"
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
-    common.add_shared_args(p, upstream=True, epochs=400)  # paper: 400 epochs
-    g = p.add_argument_group("model (stage 2)")
-    g.add_argument("--width", type=int, default=32, help="hidden width of the DPN autoencoder (paper: not given)")
-    g = p.add_argument_group("augmentation (stage 2)")
-    common.add_anomaly_args(g, "chance that a training image gets pseudo anomalies in DPN's input (the RcAE's and "
-                               "I' both see them), the clean image staying the target, as in stage 1's denoising "
-                               "(paper: 0, clean normal images only)")
-    p.set_defaults(anomaly_prob=0.0)
-    g = p.add_argument_group("upstream (stage 2)")
-    g.add_argument("--rcae", default=None, help="stage-1 checkpoint, frozen (default: <out>/stage1_rcae.pt)")
-    args = common.parse_args(p, argv, STAGE)
-    common.check_flags(args, width=">=1", anomaly_prob="[0,1]")
-    return args
+    g = common.add_shared_args(p, first=False, epochs=400)  # paper: 400 epochs
+    g["data"].add_argument("--rcae", help="stage-1 checkpoint, frozen (default: <out>/stage1_rcae.pt)")
+    g["model"].add_argument("--width", type=int, default=32, help="hidden width of the DPN autoencoder (paper: not "
+                                                                  "given)")
+    return common.parse_args(p, argv, STAGE)
 
 
 def upstream_rcae(args):
-    """Load the frozen RcAE of --rcae, inherit its settings into args (refusing conflicts)."""
+    """Load the frozen RcAE of --rcae and take its image size, depth, holdout, resize and train fraction."""
     args.rcae = args.rcae or f"{args.out}/stage1_rcae.pt"
     rcae, ck = load_rcae(args.rcae)
-    common.inherit(args, ck["args"], common.INHERITED, f"the stage-1 checkpoint {args.rcae}")
-    common.check_size(args.image_size, args.depth)
+    for k in common.INHERITED:
+        setattr(args, k, ck["args"][k])
     if Path(ck["args"]["data"]).resolve() != Path(args.data).resolve():
         common.warn(f"{args.rcae} was trained on {ck['args']['data']}, this stage trains on {args.data}")
     return rcae, ck
@@ -87,8 +78,8 @@ class DPN(nn.Module):
 
     def forward(self, recon, image):
         """Res_D^n of recon (B, C, H, W), or of every depth for recon (B, N, C, H, W)."""
-        g = grad(image)  # (B, 2C, H, W), I' computed once per image
-        if recon.dim() == 5:  # one depth at a time: x1.4 over folding N into the batch (benchmarks/optimisations.py)
+        g = image_gradient(image)  # (B, 2C, H, W), I' computed once per image
+        if recon.dim() == 5:  # one depth at a time: x1.4 over folding N into the batch (benchmarks/README.md)
             return torch.stack([self.ae(recon[:, k], g) for k in range(recon.shape[1])], 1)  # (B, N, C, H, W)
         return self.ae(recon, g)  # Eq. (6): f_DPN(I_R^n (+) I'), the concat inside the first conv
 
@@ -106,39 +97,32 @@ def dpn_loss(refined, image):
     refined (B, N, C, H, W), image (B, C, H, W). Returns (total, parts)."""
     target = image[:, None].expand_as(refined)  # (B, N, C, H, W)
     l1 = (refined - target).abs().mean()
-    l1_grad = (grad(refined.flatten(0, 1)) - grad(target.flatten(0, 1))).abs().mean()  # (B*N, 2C, H, W)
+    l1_grad = (image_gradient(refined.flatten(0, 1)) - image_gradient(target.flatten(0, 1))).abs().mean()
     return l1 + l1_grad, {"l1": l1.detach(), "l1_grad": l1_grad.detach()}
 
 
 # ----------------------------------------------------------------------------- train
 
 
-def make_batch(x, gen, anomaly_prob=0.0, anomaly_size="scaled", opacity="strong", anomaly_place="inside",
-               anomaly_colour="uniform"):
-    """Clean normal images only (paper); with --anomaly_prob > 0 the input carries pseudo anomalies and the
-    clean image is the target."""
-    if not anomaly_prob:
-        return {"image": x}  # (B, C, H, W)
-    noisy, _ = common.augment_batch(x, gen, anomaly_prob, anomaly_size, opacity, place=anomaly_place,
-                                    colours=anomaly_colour)
-    return {"image": noisy, "target": x}
+def make_batch(x, gen):
+    """Clean normal images only (paper): x (B, C, H, W)."""
+    return {"image": x}
 
 
 def loss_fn(net, b, rcae):
-    x = b["image"]  # (B, C, H, W), the input of RcAE and of I'
-    target = b.get("target", x)  # the clean image
+    x = b["image"]  # (B, C, H, W), the input of RcAE and of I', and the target
     with torch.no_grad():  # RcAE is frozen: nothing flows back into it
         recons = rcae.reconstruct_all(x).float()  # {I_R^n}, (B, N, C, H, W)
     refined = recons + net(recons, x)  # Eq. (6), all depths in one call, (B, N, C, H, W)
-    loss, parts = dpn_loss(refined.float(), target)
-    parts["l1_rcae"] = (recons - target[:, None]).abs().mean()  # the error DPN starts from: l1 should drop below it
+    loss, parts = dpn_loss(refined.float(), x)
+    parts["l1_rcae"] = (recons - x[:, None]).abs().mean()  # the error DPN starts from: l1 should drop below it
     return loss, parts
 
 
 def main(argv=None):
     args = get_args(argv)
     rcae, rcae_ck = upstream_rcae(args)
-    common.seed_everything(args.seed)
+    torch.manual_seed(args.seed)
     cfg = Config(channels=rcae.cfg.channels, depth=args.depth, image_size=args.image_size, width=args.width)
     model = DPN(cfg)
     rcae.to(common.get_device(args.device))
@@ -147,16 +131,14 @@ def main(argv=None):
           f"{common.n_params(model):,} parameters; RcAE frozen from {args.rcae}")
 
     upstream = {"rcae": str(Path(args.rcae).resolve()), "rcae_sha": common.fingerprint(rcae_ck["model"])}
-    common.check_upstream_unchanged(f"{args.out}/{STAGE}.pt", STAGE, upstream, args)
-    common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images,
-                 make_batch=partial(make_batch, **common.anomaly_kwargs(args)), loss_fn=partial(loss_fn, rcae=rcae),
-                 ckpt_path=f"{args.out}/{STAGE}.pt", extra={"upstream": upstream})
+    common.train(stage=STAGE, model=model, model_config=asdict(cfg), args=args, images=images, make_batch=make_batch,
+                 loss_fn=partial(loss_fn, rcae=rcae), ckpt_path=f"{args.out}/{STAGE}.pt", extra={"upstream": upstream})
 
 
 def load_dpn(path):
     """The frozen DPN and its checkpoint, rebuilt from the checkpoint alone."""
     ck = common.load_checkpoint(path, STAGE, hint="python stage2_dpn.py --data PATH")
-    return common.freeze(common.build_from_checkpoint(ck, DPN, Config)), ck
+    return common.build_from_checkpoint(ck, DPN, Config), ck
 
 
 if __name__ == "__main__":

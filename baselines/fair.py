@@ -1,5 +1,5 @@
 """FAIR baseline: "Frequency-aware Image Restoration for Industrial Visual Anomaly Detection" (Sec. 3.1-3.4,
-4.3, 5.3-5.6 of that paper; README, "Reading the paper").
+4.3, 5.3-5.6 of that paper; docs/reading_the_paper.md).
 
 A UNet restores the RGB image from the high-frequency part of its grayscale version; anomalies, whose
 low frequencies the network cannot infer from normal data, are restored badly and show up in a
@@ -60,7 +60,8 @@ FILTERS = ("butterworth", "ideal", "gaussian", "sobel")
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
-    common.add_shared_args(p, recursion=False, paper="FAIR paper", epochs=800, image_size=256, batch_size=8)  # paper Sec. 4.3 (MVTec AD; VisA: 400 epochs)
+    # paper Sec. 4.3: 800 epochs (MVTec AD; VisA: 400), 256 px, batch 8
+    common.add_shared_args(p, recipes=False, paper="FAIR paper", epochs=800, image_size=256, batch=8)
     g = p.add_argument_group("model (FAIR)")
     g.add_argument("--base", type=int, default=128, help="UNet base width c (paper Sec. 4.3: 128)")
     g.add_argument("--filter", choices=FILTERS, default="butterworth",
@@ -82,7 +83,7 @@ def get_args(argv=None):
     g.add_argument("--smooth", type=int, default=21,
                    help="side of the mean filter f_mean of Eq. (10) at 256x256 (paper: 21), scaled with the image "
                         "side like --d0")
-    args = common.finish_args(p.parse_args(argv))
+    args = common.parse_args(p, argv)
     common.check_flags(args, base=">=1", d0=">0", order=">=1", cutpaste_prob="[0,1]", perlin_prob="[0,1]",
                        k_color=">=0", smooth="odd")
     return args
@@ -300,12 +301,12 @@ def corrupt(x, gen, textures, cutpaste_prob=0.2, perlin_prob=0.5):
     return out
 
 
-def load_textures(folder, size, workers=2):
+def load_textures(folder, size):
     """Every image under `folder` (recursively, e.g. DTD's images/<class>/*.jpg) -> (T, 3, size, size) uint8."""
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in common.IMAGE_EXTS and p.is_file())
     if not paths:
         raise common.UserError(f"--textures {folder}: no images found")
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    with ThreadPoolExecutor(4) as pool:
         imgs = list(pool.map(lambda p: common.read_image(p, size), paths))
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
 
@@ -424,12 +425,12 @@ def loss_fn(net, b):
 
 def main(argv=None):
     args = get_args(argv)
-    common.seed_everything(args.seed)
+    torch.manual_seed(args.seed)
     cfg = Config(base=args.base, in_channels=2 if args.filter == "sobel" else 1, filter=args.filter, d0=args.d0,
                  order=args.order, image_size=args.image_size)
     model = FAIR(cfg)
     images = common.train_images(args)  # (M, 3, H, W) uint8, train/good minus the holdout
-    textures = load_textures(args.textures, args.image_size, args.workers) if args.textures else images
+    textures = load_textures(args.textures, args.image_size) if args.textures else images
     print(f"{STAGE}: {len(images)} training images at {args.image_size}px, {args.filter} high-pass, "
           f"textures from {args.textures or 'the training images (noDTD)'}, "
           f"{common.n_params(model):,} parameters")
@@ -445,7 +446,7 @@ def main(argv=None):
 def load_fair(path):
     """The frozen FAIR model and its checkpoint, rebuilt from the checkpoint alone."""
     ck = common.load_checkpoint(path, STAGE, hint="python -m baselines.fair --data PATH")
-    return common.freeze(common.build_from_checkpoint(ck, FAIR, Config)), ck
+    return common.build_from_checkpoint(ck, FAIR, Config), ck
 
 
 @torch.no_grad()

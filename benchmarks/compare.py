@@ -10,7 +10,7 @@ both on the test split, and inference is timed round-robin on one batch. Peak me
 a bare process running one inference batch of each method above its loaded baseline.
 
     python -m benchmarks.compare --data ../shared/data/magnetic_tile --budget_min 20
-    python -m benchmarks.compare --data ../shared/data/magnetic_tile --steps 1758,263,258,83 --recipe cpu2
+    python -m benchmarks.compare --data ../shared/data/magnetic_tile --steps 1758,263,258,83 --recipe cpu
     python -m benchmarks.compare --data ../shared/data/magnetic_tile --steps 1758,263,258,83 --image_size 128 \
         --stage1 '--lr 1e-3' --stage2 '--lr 1e-3' --stage3 '--lr 1e-3 --loss focal --anomaly_size relative'
     python -m benchmarks.compare --data data/toy --budget_min 1 --image_size 64   # smoke run
@@ -51,12 +51,13 @@ def get_args(argv=None):
     p.add_argument("--budget_min", "--budget-min", dest="budget_min", type=float, default=20,
                    help="training minutes per method, on this machine's measured speed")
     p.add_argument("--steps", default=None,
-                   help="explicit optimiser steps instead of timing: 'stage1,stage2,stage3,fair' (e.g. 1758,263,258,83) "
-                        "or a previous compare.json, whose steps are reused; the same budget on any machine")
+                   help="explicit optimiser steps instead of timing: 'stage1,stage2,stage3,fair' (e.g. "
+                        "1758,263,258,83) or a previous compare.json, whose steps are reused; the same budget on any "
+                        "machine")
     p.add_argument("--recipe", choices=sorted(common.RECIPES), default="paper",
                    help="the RcAE stages' --recipe (common.RECIPES; --stageK flags override it); FAIR keeps its own")
     p.add_argument("--image_size", type=int, default=None,
-                   help="the same for both methods (default: the recipe's, 128 for cpu and cpu2, else 256)")
+                   help="the same for both methods (default: the recipe's, 128 for cpu, else 256)")
     p.add_argument("--depth", type=int, default=5, help="RcAE recursion depth N (paper: 5)")
     p.add_argument("--split", default="0.4,0.2,0.4", help="RcAE budget fractions of stages 1, 2, 3")
     for k in (1, 2, 3):
@@ -66,22 +67,20 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="learning rate of both (default: each paper's, 1e-4)")
     p.add_argument("--fair_base", type=int, default=128, help="FAIR UNet base width (paper: 128)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--workers", type=int, default=None, help="batch-making workers (default: the stages' own)")
     p.add_argument("--seed", type=int, default=0, help="seed of both methods")
     args = p.parse_args(argv)
     if args.image_size is None:
         args.image_size = common.RECIPES[args.recipe].get("stage1_rcae", {}).get("image_size", 256)
     common.check_flags(args, budget_min=">0", image_size=">=1", depth=">=1", batch_size=">=1", lr=">0",
-                       fair_base=">=1", workers=">=0", seed="seed")
+                       fair_base=">=1", seed="seed")
     return args
 
 
 def shared_flags(args, out):
-    flags = ["--data", args.data, "--out", out, "--image_size", str(args.image_size), "--batch_size",
-             str(args.batch_size), "--device", args.device, "--seed", str(args.seed), "--epochs", "100000",
-             "--log_every", "20"]
-    return flags + (["--lr", str(args.lr)] if args.lr else []) + (
-        ["--workers", str(args.workers)] if args.workers is not None else [])
+    """The flags of every RcAE stage and of FAIR (stages 2-3 inherit the image size from stage 1)."""
+    flags = ["--data", args.data, "--out", out, "--batch_size", str(args.batch_size), "--device", args.device,
+             "--seed", str(args.seed), "--epochs", "100000"]
+    return flags + (["--lr", str(args.lr)] if args.lr else [])
 
 
 def step_seconds(args, device):
@@ -136,16 +135,17 @@ def train_both(args, out, device):
     else:
         sec = step_seconds(args, device)
         load = load_warning()
-        common.release_memory()  # the four timed steps' blocks, before training starts
         minutes = {"stage1_rcae": split[0] * args.budget_min, "stage2_dpn": split[1] * args.budget_min,
                    "stage3_crd": split[2] * args.budget_min, "fair": args.budget_min}
         steps = {k: max(1, round(minutes[k] * 60 / sec[k])) for k in sec}
         print("seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items()))
     print("steps in the budget: " + ", ".join(f"{k} {v}" for k, v in steps.items()))
     wall, recipe = {}, ["--recipe", args.recipe]  # the recipe before --stageK's flags, which override it
+    size = ["--image_size", str(args.image_size)]
     for name, module in STAGES + [("fair", fair)]:
-        extra = {"stage1_rcae": recipe + ["--depth", str(args.depth)] + args.stage1, "stage2_dpn": recipe + args.stage2,
-                 "stage3_crd": recipe + args.stage3, "fair": ["--base", str(args.fair_base)]}[name]
+        extra = {"stage1_rcae": size + recipe + ["--depth", str(args.depth)] + args.stage1,
+                 "stage2_dpn": recipe + args.stage2, "stage3_crd": recipe + args.stage3,
+                 "fair": size + ["--base", str(args.fair_base)]}[name]
         t0 = time.time()
         module.main(shared_flags(args, out) + extra + ["--max_steps", str(steps[name])])
         wall[name] = round((time.time() - t0) / 60, 2)
@@ -168,7 +168,7 @@ else:
     run = lambda x: fair.fair_maps(model, ck, x)
 with torch.inference_mode():
     run(torch.rand(1, 3, size, size))  # loads the kernels' libraries, which would dominate the peak (at the
-    # trained size: CRD's --crd_norm position map fits no other)
+    # trained size: CRD's --residual_scale position map fits no other)
     x = torch.rand(batch, 3, size, size)
     base = rss_mb()
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
@@ -227,11 +227,12 @@ def main(argv=None):
                          params=v["params"], train_images_per_s=train_rate[kind],
                          infer_images_per_s=infer[kind] if variant in ("crd", "fair") else round(v["images_per_s"], 3),
                          peak_rss_mb=mem[kind] if variant in ("crd", "fair") else (None, None)))
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu x{torch.get_num_threads()} threads")
     report = dict(data=args.data, recipe=args.recipe, image_size=args.image_size, budget_min=args.budget_min,
                   split=args.split, **budget, steps=steps, device=device_name,
                   n_images=metrics["n_images"], n_anomalous=metrics["n_anomalous"], rows=rows,
-                  command="python -m benchmarks.compare " + " ".join(argv or __import__("sys").argv[1:]))
+                  command="python -m benchmarks.compare " + " ".join(argv or sys.argv[1:]))
     common.write_json(Path(out) / "compare.json", report)
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     mem_cell = lambda m: "" if m[0] is None else f"{m[0]:.0f} ({m[1]:.0f})"  # noqa: E731

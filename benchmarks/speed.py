@@ -8,22 +8,28 @@ Each item's GFLOP/s is given as a share of two references:
 - the measured peak, the best this software reaches here: the faster of a large matmul (MKL on the CPU,
   slow on AMD) and a large 3x3 convolution (oneDNN/cuDNN). Not a bound: an item can beat it.
 Each item is timed round-robin with the two references (item, matmul, conv, item, ...), the median
-reported, so both see the same drift of a shared machine. Then its kept memory is handed back
-(common.release_memory), so the process holds one item's working set at a time. FLOPs are counted on one
-64 px image by torch's FlopCounterMode and scaled by the area (flops_per_image; 2 per multiply-add;
-convolutions and matmuls only, so elementwise work is "free").
+reported, so both see the same drift of a shared machine. FLOPs are counted on one 64 px image by torch's
+FlopCounterMode and scaled by the area (flops_per_image; 2 per multiply-add; convolutions and matmuls only,
+so elementwise work is "free").
 
     python -m benchmarks.speed                                  # CPU: 128, 256, 512 px
     python -m benchmarks.speed --sizes 256 1024 --device cuda   # GPU: bf16 autocast, paper size
     python -m benchmarks.speed --sizes 256 --profile stage3     # torch.profiler table of one item
+    python -m benchmarks.speed --optimisations 1 --sizes 256    # each speed choice of the code, off vs on (CPU)
 
 Peak memory (CPU): each item once more in a fresh process, its peak RSS above the loaded and warmed-up
 baseline, so items do not inherit each other's high-water mark; on CUDA, max_memory_allocated.
 Writes benchmarks/results/speed_<device>.json and .md (override with --out), with the CPU model and the
 load average at the start and the end.
 Models are the defaults of each stage at random initialisation: speed does not depend on training.
+
+--optimisations 1 instead times each speed choice in the model code with it off and on, alternating (off, on,
+off, on, ...) in one process on the CPU, so the machine's drift hits both, and reports the medians
+(optimisations). The adopted ones keep the outputs within float noise (tests/test_pinned.py pins the
+pipeline's outputs); rows marked "not adopted" were measured and rejected. Writes optimisations_cpu.json and .md.
 """
 import argparse
+import contextlib
 import os
 import re
 import resource
@@ -31,7 +37,9 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -63,12 +71,14 @@ def get_args(argv=None):
                    help="FP32 vector FMA units per core for the theoretical peak (default: by ISA, see VECTOR_ISAS)")
     p.add_argument("--profile", default=None, help="print the torch.profiler table of this item and exit")
     p.add_argument("--memory", type=int, default=1, help="also measure each item's peak RSS in a subprocess (1/0)")
+    p.add_argument("--optimisations", type=int, default=0,
+                   help="1: time each speed choice of the model code off vs on instead, on the CPU (at --sizes)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one item's memory, in a child
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown")
     args = p.parse_args(argv)
     common.check_flags(args, sizes=">=1", batch_size=">=1", depth=">=1", repeats=">=1", amp="0/1",
                        channels_last="0/1", compile="0/1", fair="0/1", fair_sizes=">=1", fair_base=">=1",
-                       fair_batch=">=1", clock_ghz=">0", fma_units=">=1", memory="0/1")
+                       fair_batch=">=1", clock_ghz=">0", fma_units=">=1", memory="0/1", optimisations="0/1")
     return args
 
 
@@ -248,7 +258,7 @@ def items(m, size, args, device):
         crd.train().requires_grad_(True)
         with amp():
             with torch.no_grad():
-                _, _, inp = stage3_crd.frozen_forward(rcae, dpn, x, crd.cfg.use_depths)
+                _, _, inp = stage3_crd.frozen_forward(rcae, dpn, x, crd.cfg.use_depths, crd.cfg.crd_input)
             loss, _ = stage3_crd.crd_loss(net["crd"].logits(inp).float(), mask)
         loss.backward()
 
@@ -257,7 +267,7 @@ def items(m, size, args, device):
     @torch.inference_mode()
     def infer():  # the full pipeline: every depth's reconstruction, DPN, CRD map, image score
         with amp():
-            common.topk_mean(detector(x)["map"].float(), 0.01)
+            stage3_crd.topk_mean(detector(x)["map"].float(), 0.01)
 
     @torch.inference_mode()
     def infer_rcae():  # evaluate.py's `rcae` variant: the depth-N reconstruction only
@@ -348,20 +358,148 @@ def flops_per_image(m, size, args, device, at=64):
     at = at if size % at == 0 else size
     small = argparse.Namespace(**{**vars(args), "batch_size": 1, "fair_sizes": [at] if size in args.fair_sizes else []})
     its = items(m, at, small, device)
-    out = {k: count_flops(fn, args.depth if "stage1" in k else 1) * (size / at) ** 2 for k, (fn, _) in its.items()}
-    common.release_memory()  # the counting's blocks, of other shapes than the timed calls'
-    return out
+    return {k: count_flops(fn, args.depth if "stage1" in k else 1) * (size / at) ** 2 for k, (fn, _) in its.items()}
 
 
 def argv_of(args):
     """The flags a probe child needs to rebuild the same items."""
     return ["--batch_size", str(args.batch_size), "--depth", str(args.depth), "--device", args.device,
             "--amp", str(args.amp), "--channels_last", str(args.channels_last), "--fair", str(args.fair),
-            "--fair_batch", str(args.fair_batch), "--fair_sizes", *map(str, args.fair_sizes), "--fair_base", str(args.fair_base)]
+            "--fair_batch", str(args.fair_batch), "--fair_sizes", *map(str, args.fair_sizes),
+            "--fair_base", str(args.fair_base)]
+
+
+# ----------------------------------------------------------------------------- --optimisations 1
+
+
+def plain_cat(conv, *parts):
+    """common.conv_cat without the optimisation: one conv over the materialised concat."""
+    return conv(torch.cat(parts, 1))
+
+
+def optimisation_rows(args, size):
+    """[(name, {"before": fn, "after": fn}, images per call)]: each speed choice of the model code off (before)
+    and on (after) at `size` on the CPU, on fresh random models and one fixed batch."""
+    torch.manual_seed(0)
+    b, n = args.batch_size, args.depth
+    x = torch.rand(b, 3, size, size)
+    rcae = stage1_rcae.RcAE(stage1_rcae.Config(depth=n))
+    dpn = stage2_dpn.DPN(stage2_dpn.Config(depth=n))
+    crd = stage3_crd.CRD(stage3_crd.Config(depth=n))
+    with torch.no_grad():
+        recons = rcae.eval().reconstruct_all(x)  # (B, N, C, H, W)
+        crd_in = stage3_crd.crd_input(dpn.eval().refine(recons, x), x, crd.cfg.use_depths)  # (B, 2C, N, H, W)
+    mask = (torch.rand(b, 1, size, size) > 0.99).float()
+
+    def variant(fmt=None, cat=None, amp=False):
+        """Context for one timed call: the blocks' memory format, the concat, bf16 autocast on the CPU."""
+        stack = contextlib.ExitStack()
+        for m in [*rcae.modules(), *dpn.modules(), crd]:
+            if fmt == "plain" and hasattr(m, "memory_format"):  # ConvAE blocks and the CRD
+                stack.callback(setattr, m, "memory_format", m.memory_format)
+                m.memory_format = torch.contiguous_format
+        if cat == "plain":
+            stack.enter_context(mock.patch.object(common, "conv_cat", plain_cat))
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp))
+        return stack
+
+    def stage1_step(**kw):  # one stage-1 training step at each depth 1..N (the sampled depth's range)
+        with variant(**kw):
+            for k in range(1, n + 1):
+                stage1_rcae.recon_loss(rcae.train()(x, k).float(), x)[0].backward()
+
+    def stage2_step(batched=False, **kw):  # DPN on the N depths of a frozen RcAE's reconstructions
+        with variant(**kw):
+            if batched:  # all depths folded into one batch of B*N
+                g = common.image_gradient(x).repeat_interleave(n, 0)  # (B*N, 2C, H, W)
+                res = dpn.ae(recons.flatten(0, 1), g).view_as(recons)  # (B, N, C, H, W)
+            else:
+                res = dpn(recons, x)  # one depth at a time (DPN.forward)
+            stage2_dpn.dpn_loss((recons + res).float(), x)[0].backward()
+
+    def crd_step(**kw):
+        with variant(**kw):
+            stage3_crd.crd_loss(crd.train().logits(crd_in).float(), mask)[0].backward()
+
+    @torch.inference_mode()
+    def crd_infer(**kw):
+        with variant(**kw):
+            crd.eval()(crd_in)
+
+    @torch.inference_mode()
+    def all_depths(shared):  # N separate recursions vs one compression path shared by all depths
+        rcae.eval()
+        return rcae.reconstruct_all(x) if shared else [rcae(x, k) for k in range(1, n + 1)]
+
+    def full(mode):  # the full pipeline under autograd, no_grad, inference_mode
+        det = stage3_crd.Detector(rcae.eval(), dpn.eval(), crd.eval())
+        ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+        with ctx():
+            det(x)
+
+    def loader_step(workers):  # stage-1 training steps fed by the batch loader with 0 or 2 workers
+        images = (torch.rand(4 * b, 3, size, size) * 255).to(torch.uint8)
+        make = partial(stage1_rcae.make_batch, depth=n, anomaly_prob=0.5)
+        loader = torch.utils.data.DataLoader(common.Batches(images, b, 0, 0, 4, make), batch_size=None,
+                                             num_workers=workers)
+        for batch in loader:
+            stage1_rcae.loss_fn(rcae.train(), batch)[0].backward()
+
+    def pair(before, after):
+        return {"before": before, "after": after}
+
+    return [
+        ("stage-1 train step: channels_last", pair(partial(stage1_step, fmt="plain"), stage1_step), n * b),
+        ("stage-2 train step: channels_last", pair(partial(stage2_step, fmt="plain"), stage2_step), b),
+        ("CRD train step: channels_last_3d", pair(partial(crd_step, fmt="plain"), crd_step), b),
+        ("CRD inference: channels_last_3d", pair(partial(crd_infer, fmt="plain"), crd_infer), b),
+        ("stage-1 train step: concat inside the conv", pair(partial(stage1_step, cat="plain"), stage1_step), n * b),
+        ("stage-2 train step: concat inside the conv", pair(partial(stage2_step, cat="plain"), stage2_step), b),
+        ("CRD train step: concat inside the conv", pair(partial(crd_step, cat="plain"), crd_step), b),
+        ("stage-2 train step: DPN per depth vs N depths in one batch",
+         pair(partial(stage2_step, batched=True), stage2_step), b),
+        ("all N reconstructions: shared compression", pair(partial(all_depths, False), partial(all_depths, True)), b),
+        ("full pipeline: no_grad vs autograd", pair(partial(full, "grad"), partial(full, "no_grad")), b),
+        ("full pipeline: inference_mode vs no_grad", pair(partial(full, "no_grad"), partial(full, "inference_mode")),
+         b),
+        ("stage-1 train step: bf16 autocast on the CPU (not adopted)",
+         pair(stage1_step, partial(stage1_step, amp=True)), n * b),
+        ("stage-2 train step: bf16 autocast on the CPU (not adopted)",
+         pair(stage2_step, partial(stage2_step, amp=True)), b),
+        ("stage-1 training: 2 loader workers vs 0 (not adopted)",
+         pair(partial(loader_step, 0), partial(loader_step, 2)), 4 * b),
+    ]
+
+
+def optimisations(args):
+    """--optimisations 1: every row of optimisation_rows at each of --sizes, before and after timed round-robin;
+    writes <out>/optimisations_cpu.json and .md."""
+    common.get_device("cpu")  # the stages' runtime setting: denormal floats flushed
+    cpu, b, n, rows = torch.device("cpu"), args.batch_size, args.depth, []
+    for size in args.sizes:
+        for name, fns, imgs in optimisation_rows(args, size):
+            t = round_robin(fns, args.repeats, cpu)
+            rows.append(dict(size=size, optimisation=name, before_images_per_s=round(imgs / t["before"], 3),
+                             after_images_per_s=round(imgs / t["after"], 3),
+                             speedup=round(t["before"] / t["after"], 2)))
+            r = rows[-1]
+            print(f"{size:5d}px  {name:60s} {r['before_images_per_s']:9.2f} -> {r['after_images_per_s']:9.2f} img/s "
+                  f"(x{r['speedup']})", flush=True)
+    device = f"cpu x{torch.get_num_threads()} threads"
+    out = Path(args.out)
+    common.write_json(out / "optimisations_cpu.json", dict(device=device, sizes=args.sizes, batch=b, depth=n,
+                                                           load_average=load_average(), rows=rows))
+    md = [f"{device}, batch {b}, N = {n}", "", "| size | optimisation | before img/s | after img/s | speed-up |",
+          "|---|---|---|---|---|"] + [f"| {r['size']} | {r['optimisation']} | {r['before_images_per_s']} | "
+                                      f"{r['after_images_per_s']} | x{r['speedup']} |" for r in rows]
+    common.write_text(out / "optimisations_cpu.md", "\n".join(md) + "\n")
+    print("\n".join(md))
 
 
 def main(argv=None):
     args = get_args(argv)
+    if args.optimisations:
+        return optimisations(args)
     device = common.get_device(args.device)
     torch.manual_seed(0)
     m = models(args.depth, device, args)
@@ -390,11 +528,8 @@ def main(argv=None):
             return
         per_image = flops_per_image(m, size, args, device)
         for k, (fn, imgs) in its.items():
-            # One item at a time, round-robin with the references, then its kept memory is handed back: the
-            # process holds one item's working set, not the holes of seven of different shapes.
-            flops = per_image[k] * imgs
+            flops = per_image[k] * imgs  # one item at a time, round-robin with the references
             times = round_robin({k: fn, **{r: f for r, (f, _) in refs.items()}}, args.repeats, device)
-            common.release_memory()
             ref = {r: refs[r][1] / times[r] / 1e9 for r in refs}
             mem = peak_mb(k, size, argv_of(args)) if args.memory and device.type == "cpu" else None
             if device.type == "cuda":

@@ -8,26 +8,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(2)
 
-import common  # noqa: E402
+import synth  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     """An MVTec-layout category: 24 train/good, 6 test/good, 6 test/defect with masks, 64x64 RGB."""
-    return common.make_synthetic_category(tmp_path_factory.mktemp("mvtec") / "toy", size=64, n_train=24,
-                                          n_test_good=6, n_test_bad=6, seed=0)
+    return synth.make_synthetic_category(tmp_path_factory.mktemp("mvtec") / "toy", size=64, n_train=24,
+                                         n_test_good=6, n_test_bad=6, seed=0)
 
 
 @pytest.fixture(scope="session")
 def toy_visa(tmp_path_factory):
     """A VisA-layout object 'toy' (Data/Images, Data/Masks, ../split_csv/1cls.csv), 64x64."""
-    return common.make_synthetic_category(tmp_path_factory.mktemp("visa"), size=64, n_train=12,
-                                          n_test_good=4, n_test_bad=4, seed=1, layout="visa")
+    return synth.make_synthetic_category(tmp_path_factory.mktemp("visa"), size=64, n_train=12,
+                                         n_test_good=4, n_test_bad=4, seed=1, layout="visa")
 
 
 def quick_args(data, out, **kw):
     """argv for a few-step CPU run of any stage on 64 px images."""
-    a = dict(data=data, out=out, image_size=64, max_steps=2, batch_size=4, workers=0, depth=3, log_every=1)
+    a = dict(data=data, out=out, image_size=64, max_steps=2, batch_size=4, depth=3)
     a.update(kw)
     argv = []
     for k, v in a.items():

@@ -1,12 +1,11 @@
 """The benchmark scripts run end to end (tiny sizes; their numbers are not checked here, only produced)."""
 import json
 
-import pytest
 import torch
 
 import common
-import stage1_rcae
-from benchmarks import ablations, border, compare, depth_probe, depth_residuals, optimisations, revalidate, speed
+import synth
+from benchmarks import ablations, compare, speed
 
 
 def test_speed_report(tmp_path):
@@ -24,15 +23,43 @@ def test_speed_report(tmp_path):
     assert small is not None and large > small
 
 
-def test_optimisations_report(tmp_path):
-    optimisations.main(["--size", "32", "--batch_size", "2", "--depth", "3", "--repeats", "1", "--out", str(tmp_path)])
+def test_speed_optimisations_mode_times_each_choice_off_and_on(tmp_path, monkeypatch):
+    """--optimisations 1: a row per speed choice of the code, each timed off and on; 'off' really runs without it:
+    the concat materialised (speed.plain_cat) and the blocks' inputs in the plain layout."""
+    seen, real_cat, real_plain = set(), common.conv_cat, speed.plain_cat
+
+    def layout(p):  # the memory format the blocks hand their first conv
+        cl = torch.channels_last if p.dim() == 4 else torch.channels_last_3d
+        return p.dim(), "channels_last" if p.is_contiguous(memory_format=cl) and not p.is_contiguous() else "plain"
+
+    def spy_cat(conv, *parts):
+        seen.add(layout(parts[0]))
+        return real_cat(conv, *parts)
+
+    def spy_plain(conv, *parts):
+        seen.add("torch.cat")
+        return real_plain(conv, *parts)
+
+    monkeypatch.setattr(common, "conv_cat", spy_cat)
+    monkeypatch.setattr(speed, "plain_cat", spy_plain)
+    speed.main(["--optimisations", "1", "--sizes", "32", "--batch_size", "2", "--depth", "3", "--repeats", "1",
+                "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "optimisations_cpu.json").read_text())["rows"]
-    assert len(rows) == 15 and all(r["before_images_per_s"] > 0 and r["after_images_per_s"] > 0 for r in rows)
+    names = [r["optimisation"] for r in rows]
+    assert len(rows) == 14 and all(r["size"] == 32 for r in rows)
+    assert all(r["before_images_per_s"] > 0 and r["after_images_per_s"] > 0 for r in rows)
+    for choice in ("channels_last", "channels_last_3d", "concat inside the conv", "DPN per depth vs N depths",
+                   "bf16 autocast on the CPU", "shared compression"):
+        assert any(choice in n for n in names), choice
+    assert not any("freed memory" in n for n in names)  # the allocator tuning is gone from the code
+    assert "torch.cat" in seen  # the concat rows' 'before' replaced common.conv_cat inside the model code
+    assert {(4, "channels_last"), (4, "plain"), (5, "channels_last"), (5, "plain")} <= seen  # both layouts timed
+    assert (tmp_path / "optimisations_cpu.md").read_text().count("\n| ") == 1 + 14
 
 
 def test_compare_smoke(toy_data, tmp_path):
     compare.main(["--data", toy_data, "--out", str(tmp_path), "--budget_min", "0.02", "--image_size", "32",
-                  "--depth", "3", "--batch_size", "2", "--fair_base", "4", "--workers", "0"])
+                  "--depth", "3", "--batch_size", "2", "--fair_base", "4"])
     rep = json.loads((tmp_path / "compare.json").read_text())
     assert [r["variant"] for r in rep["rows"]] == ["crd", "rcae+dpn", "rcae", "fair"]
     assert set(rep["budget_steps"]) == {"stage1_rcae", "stage2_dpn", "stage3_crd", "fair"}
@@ -42,15 +69,16 @@ def test_compare_smoke(toy_data, tmp_path):
 
 def test_compare_explicit_steps(toy_data, tmp_path, capsys):
     compare.main(["--data", toy_data, "--out", str(tmp_path), "--steps", "3,2,2,1", "--image_size", "32",
-                  "--depth", "3", "--batch_size", "2", "--fair_base", "4", "--workers", "0", "--recipe", "cpu2",
+                  "--depth", "3", "--batch_size", "2", "--fair_base", "4", "--recipe", "cpu",
                   "--stage1", "--lr 3e-4"])
     rep = json.loads((tmp_path / "compare.json").read_text())
     assert rep["steps"] == rep["budget_steps"] == {"stage1_rcae": 3, "stage2_dpn": 2, "stage3_crd": 2, "fair": 1}
     ck = {name: torch.load(tmp_path / f"{name}.pt", weights_only=True)["args"] for name in compare.NAMES}
     assert ck["stage1_rcae"]["lr"] == 3e-4 and ck["stage1_rcae"]["updown_init"] == "pca"  # --stage1 over the recipe
-    assert ck["stage2_dpn"]["lr"] == 1e-3 and ck["stage3_crd"]["crd_norm"] == "position"  # the recipe in every stage
-    assert "recipe" not in ck["fair"] and rep["recipe"] == "cpu2"  # FAIR keeps its own settings
-    assert all(r["peak_rss_mb"][0] > 0 for r in rep["rows"] if r["variant"] in ("crd", "fair"))  # position norm too
+    assert ck["stage2_dpn"]["lr"] == 1e-3 and ck["stage3_crd"]["residual_scale"] == "position"  # the recipe, every stage
+    assert ck["stage3_crd"]["image_size"] == ck["fair"]["image_size"] == 32  # one size for both methods
+    assert "recipe" not in ck["fair"] and rep["recipe"] == "cpu"  # FAIR keeps its own settings
+    assert all(r["peak_rss_mb"][0] > 0 for r in rep["rows"] if r["variant"] in ("crd", "fair"))  # position scale too
     assert "explicit steps" in (tmp_path / "compare.md").read_text()
     assert "stage1_rcae 3, stage2_dpn 2, stage3_crd 2, fair 1" in (tmp_path / "compare.md").read_text()
     assert compare.explicit_steps(str(tmp_path / "compare.json")) == rep["budget_steps"]  # reused from a run
@@ -62,6 +90,22 @@ def test_compare_explicit_steps(toy_data, tmp_path, capsys):
             assert "four positive step counts" in str(e)
 
 
+def test_compare_trains_the_readme_run_with_the_recipe_flags(monkeypatch):
+    """`--recipe cpu --steps 1758,263,258,83` (the README's table) gives every stage exactly these flags: the old
+    cpu2 run's, less the logging/worker flags and stages 2-3's --image_size (now inherited from stage 1)."""
+    seen = {}
+    for name, module in compare.STAGES + [("fair", compare.fair)]:
+        monkeypatch.setattr(module, "main", lambda argv, name=name: seen.setdefault(name, argv))
+    args = compare.get_args(["--data", "d", "--recipe", "cpu", "--steps", "1758,263,258,83"])
+    compare.train_both(args, "o", torch.device("cpu"))
+    shared = ["--data", "d", "--out", "o", "--batch_size", "8", "--device", "auto", "--seed", "0", "--epochs", "100000"]
+    assert seen == {
+        "stage1_rcae": shared + ["--image_size", "128", "--recipe", "cpu", "--depth", "5", "--max_steps", "1758"],
+        "stage2_dpn": shared + ["--recipe", "cpu", "--max_steps", "263"],
+        "stage3_crd": shared + ["--recipe", "cpu", "--max_steps", "258"],
+        "fair": shared + ["--image_size", "128", "--base", "128", "--max_steps", "83"]}
+
+
 def test_compare_warns_when_timing_on_a_busy_machine(monkeypatch, capsys):
     monkeypatch.setattr(compare.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     assert compare.load_warning() == 9.0
@@ -69,189 +113,6 @@ def test_compare_warns_when_timing_on_a_busy_machine(monkeypatch, capsys):
     monkeypatch.setattr(compare.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     compare.load_warning()
     assert capsys.readouterr().err == ""
-
-
-def test_ablations_smoke(toy_data, tmp_path):
-    out = str(tmp_path)
-    ablations.main(["--study", "stage1", "--data", toy_data, "--out", out, "--image_size", "32", "--steps", "2",
-                    "--rows", "0,2", "--dark", "0.25"])
-    rep = json.loads((tmp_path / "ablation_stage1.json").read_text())
-    assert [(r["row"], r["data"].endswith("x0.25")) for r in rep["rows"]] == [
-        ("paper (N=5, lr 1e-4)", False), ("lr 1e-3", False), ("paper (N=5, lr 1e-4)", True), ("lr 1e-3", True)]
-    assert all("ratio_mean_5" in r["stage1_rcae"] for r in rep["rows"])
-    ablations.main(["--study", "crd", "--data", toy_data, "--out", out, "--image_size", "32", "--steps", "2,2,3",
-                    "--rows", "0,1", "--test", "1"])
-    rep = json.loads((tmp_path / "ablation_crd.json").read_text())
-    assert [r["stage3_crd_steps"] for r in rep["rows"]] == [3, 3]
-    assert all({"p_auroc", "aupro"} <= set(r["stage3_crd"]) and "crd" in r["test"] for r in rep["rows"])
-    md = (tmp_path / "ablation_crd.md").read_text()
-    assert "| focal loss | toy |" in md
-    again = ablations.main(["--study", "crd", "--data", toy_data, "--out", out, "--rows", "0,1", "--report", "1"])
-    assert again is None and (tmp_path / "ablation_crd.md").read_text() == md  # nothing retrained, same table
-
-
-def test_depth_probe_trains_only_on_its_depth_and_reports_every_depth(toy_data, tmp_path, monkeypatch):
-    """Step 0 measures the checkpoint as stage 1's own report did; then only the probed depth is trained."""
-    import stage1_rcae
-    from conftest import quick_args
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, lr=1e-3, holdout=0.25))
-    ck = torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)
-    seen, loss_fn = [], stage1_rcae.loss_fn
-    monkeypatch.setattr(stage1_rcae, "loss_fn", lambda net, b: seen.append(int(b["n"])) or loss_fn(net, b))
-    depth_probe.main(["--rcae", str(tmp_path / "stage1_rcae.pt"), "--depth", "2", "--steps", "3", "--every", "2"])
-    assert seen == [2, 2, 2]
-    rep = json.loads((tmp_path / "depth_probe_d2.json").read_text())
-    assert [r["step"] for r in rep["rows"]] == [0, 2, 3] and set(rep["code_fit"]) == {"linear_1x1", "linear_3x3",
-                                                                                      "pca_bound", "up_span"}
-    assert rep["rows"][0]["l1_1"] == pytest.approx(ck["val"]["l1_1"], abs=1e-5)
-    assert rep["rows"][-1]["l1_2"] != rep["rows"][0]["l1_2"]  # it trained
-    assert torch.equal(torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["model"]["E.enc1.weight"],
-                       ck["model"]["E.enc1.weight"])  # the checkpoint is left as it is
-    with pytest.raises(common.UserError, match="--depth must be in 1..3"):
-        depth_probe.main(["--rcae", str(tmp_path / "stage1_rcae.pt"), "--depth", "4"])
-
-
-def test_depth_residuals_score_every_depth_as_evaluate_scores_the_deepest(toy_data, tmp_path):
-    """Depth N's row is evaluate.py's "rcae" variant (the same map and P-AUROC), and with --dpn its "rcae+dpn"
-    variant too; the other depths differ."""
-    import evaluate
-    import stage2_dpn
-    from conftest import quick_args
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, lr=1e-3))
-    stage2_dpn.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, max_steps=3, lr=1e-2))
-    evaluate.main(["--data", toy_data, "--out", str(tmp_path), "--workers", "0", "--n_figures", "0"])
-    variants = json.loads((tmp_path / "metrics.json").read_text())["variants"]
-    depth_residuals.main(["--data", toy_data, "--rcae", str(tmp_path / "stage1_rcae.pt"), "--dpn",
-                          str(tmp_path / "stage2_dpn.pt"), "--out", str(tmp_path / "dr.json")])
-    rows = json.loads((tmp_path / "dr.json").read_text())[0]["rows"]
-    assert [r["depth"] for r in rows] == [1, 2, 3]
-    assert rows[-1]["p_auroc"] == pytest.approx(variants["rcae"]["p_auroc"], abs=1e-6)
-    assert rows[-1]["p_auroc_dpn"] == pytest.approx(variants["rcae+dpn"]["p_auroc"], abs=1e-6)
-    assert rows[-1]["p_auroc_dpn"] != pytest.approx(rows[-1]["p_auroc"], abs=1e-6)  # DPN changed the map
-    assert len({round(r["p_auroc"], 6) for r in rows}) == 3 and all(r["residual_defect"] > 0 for r in rows)
-    with pytest.raises(common.UserError, match="one stage-2 checkpoint per --rcae"):
-        depth_residuals.get_args(["--data", toy_data, "--rcae", "a.pt", "b.pt", "--dpn", "c.pt"])
-
-
-def test_revalidate_redraws_stage3s_validation(toy_data, tmp_path):
-    """The run's own opacity gives back the validation stage 3 logged at its last step; the other opacity blends
-    the same draws differently, so its scores differ. A run folder without a CRD is a one-line error."""
-    import stage2_dpn
-    import stage3_crd
-    from conftest import quick_args
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, lr=1e-3))
-    stage2_dpn.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, max_steps=3))
-    with pytest.raises(common.UserError, match="no usable stage3_crd.pt"):
-        revalidate.main(["--out", str(tmp_path)])
-    stage3_crd.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, width=4, max_steps=4,
-                               anomaly_size="relative", crd_input="both", anomaly_colour="image"))
-    logged = [json.loads(line)["val"] for line in (tmp_path / "stage3_crd.log.jsonl").read_text().splitlines()
-              if "val" in json.loads(line)][-1]
-    revalidate.main(["--out", str(tmp_path), "--json", str(tmp_path / "rv.json")])
-    rows = {r["opacity"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())["rows"]}
-    assert set(rows) == set(common.OPACITIES)
-    for k in ("p_auroc", "aupro", "residual_p_auroc", "residual_aupro"):
-        assert rows["strong"][k] == pytest.approx(logged[k], abs=1e-6)
-    assert rows["draem"]["p_auroc"] != pytest.approx(rows["strong"]["p_auroc"], abs=1e-6)
-    revalidate.main(["--out", str(tmp_path), "--opacity", "strong", "--anomaly_size", "relative", "scaled",
-                     "--json", str(tmp_path / "rv.json")])
-    rows = {r["anomaly_size"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())["rows"]}
-    assert rows["relative"]["p_auroc"] == pytest.approx(logged["p_auroc"], abs=1e-6)
-    assert rows["scaled"]["anomalous_px"] < rows["relative"]["anomalous_px"]  # smaller pseudo anomalies
-    revalidate.main(["--out", str(tmp_path), "--opacity", "strong", "--anomaly_kind", "all", "crack",
-                     "--json", str(tmp_path / "rv.json")])
-    rows = {r["anomaly_kind"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())["rows"]}
-    assert rows["all"]["p_auroc"] == pytest.approx(logged["p_auroc"], abs=1e-6)
-    assert rows["crack"]["anomalous_px"] != pytest.approx(rows["all"]["anomalous_px"])  # cracks only: other masks
-    revalidate.main(["--out", str(tmp_path), "--opacity", "strong", "--anomaly_place", "inside", "anywhere",
-                     "--json", str(tmp_path / "rv.json")])
-    rows = {r["anomaly_place"]: r["val"] for r in json.loads((tmp_path / "rv.json").read_text())["rows"]}
-    assert rows["inside"]["p_auroc"] == pytest.approx(logged["p_auroc"], abs=1e-6)  # the run's own placement
-    assert rows["anywhere"]["anomalous_px"] != pytest.approx(rows["inside"]["anomalous_px"])  # other blocks
-    revalidate.main(["--out", str(tmp_path), "--opacity", "strong", "--anomaly_size", "scaled",
-                     "--json", str(tmp_path / "rv.json")])
-    scaled = json.loads((tmp_path / "rv.json").read_text())["rows"][0]
-    ck = torch.load(tmp_path / "stage3_crd.pt", weights_only=True)  # a checkpoint from before the anomaly flags:
-    ck["args"] = {k: v for k, v in ck["args"].items() if k not in ("anomaly_size", "opacity", "anomaly_place")}
-    torch.save(ck, tmp_path / "stage3_crd.pt")  # read as what stage 3 drew then (common.BEFORE_FLAG)
-    revalidate.main(["--out", str(tmp_path), "--opacity", "strong", "--json", str(tmp_path / "rv.json")])
-    old = json.loads((tmp_path / "rv.json").read_text())["rows"][0]
-    assert (old["trained_anomaly_size"], old["trained_opacity"], old["trained_anomaly_place"]) == \
-        ("scaled", "strong", "inside")
-    assert old["val"] == scaled["val"] and old["anomaly_colour"] == "image"  # the run's own colours
-    del ck["args"]["anomaly_colour"]  # and from before --anomaly_colour: uniform colours, other draws
-    torch.save(ck, tmp_path / "stage3_crd.pt")
-    revalidate.main(["--out", str(tmp_path), "--opacity", "strong", "--json", str(tmp_path / "rv.json")])
-    old = json.loads((tmp_path / "rv.json").read_text())["rows"][0]
-    assert old["anomaly_colour"] == "uniform" and old["val"]["p_auroc"] != scaled["val"]["p_auroc"]
-
-
-def test_revalidate_agreement_ranks_chains_like_the_test_split():
-    """Spearman's rho per category and setting: +1 when the validation orders the runs as the test split does,
-    -1 when it reverses them; a category with fewer than 3 runs gets none."""
-    def row(out, data, val, test):
-        return {"out": out, "data": data, "opacity": "strong", "anomaly_size": "relative", "anomaly_place": "inside",
-                "anomaly_kind": "all", "anomaly_colour": "uniform", "val": {"p_auroc": val, "aupro": val},
-                "test": {"crd": {"p_auroc": test, "aupro": 1 - test}}}
-    rows = [row(f"r{i}", "bs", v, t) for i, (v, t) in enumerate([(0.9, 0.8), (0.7, 0.6), (0.5, 0.7)])]
-    rows += [row("m0", "mt", 0.5, 0.5), row("m1", "mt", 0.6, 0.6)]
-    agree = {a["data"]: a for a in revalidate.agreement(rows)}
-    assert agree["bs"]["runs"] == 3 and agree["bs"]["spearman_p_auroc"] == pytest.approx(0.5)
-    assert agree["bs"]["spearman_aupro"] == pytest.approx(-0.5)  # test AUPRO = 1 - test P-AUROC: reversed
-    assert agree["mt"]["spearman_p_auroc"] is None
-
-def test_code_fit_scores_what_the_code_holds():
-    """A code of the blocks' top-C principal components reaches the PCA bound with a 1x1 affine decoder; a code
-    that holds nothing is decoded as the mean block, far from it."""
-    from types import SimpleNamespace
-    import torch.nn.functional as F
-    g = torch.Generator().manual_seed(0)
-    smooth = F.interpolate(torch.rand(48, 3, 4, 4, generator=g), size=16, mode="bilinear")
-    images = ((smooth + 0.1 * torch.rand(48, 3, 16, 16, generator=g)).clamp(0, 1) * 255).to(torch.uint8)
-    train, holdout = images[:40], images[40:]
-    blocks = F.unfold(common.to_float(train), 2, stride=2).transpose(1, 2).reshape(-1, 12)
-    mean = blocks.mean(0)
-    v = torch.linalg.svd(blocks - mean, full_matrices=False).Vh[:3]
-
-    def pca_code(x, n):  # (M, 3, 16, 16) -> [(M, 3, 8, 8)]: each block's top-3 coefficients
-        b = F.unfold(x, 2, stride=2).transpose(1, 2) - mean  # (M, 64, 12)
-        return [(b @ v.T).transpose(1, 2).reshape(len(x), 3, 8, 8)]
-
-    model = SimpleNamespace(cfg=SimpleNamespace(channels=3), compress=pca_code)
-    fit = depth_probe.code_fit(model, train, holdout, 1)
-    assert fit["linear_1x1"] == pytest.approx(fit["pca_bound"], rel=1e-3)
-    assert fit["linear_3x3"] <= fit["linear_1x1"] + 1e-3
-    model.compress = lambda x, n: [torch.zeros(len(x), 3, 8, 8)]
-    empty = depth_probe.code_fit(model, train, holdout, 1)
-    assert empty["linear_1x1"] > 2 * fit["pca_bound"] and empty["pca_bound"] == fit["pca_bound"]
-
-
-def test_up_span_is_what_the_last_layer_can_output():
-    """With the last deconv spanning the blocks' top-C principal components, up_span is the PCA bound; with a
-    deconv that outputs one fixed block it is the mean block's error; a real depth-1 output never beats it."""
-    import torch.nn.functional as F
-    g = torch.Generator().manual_seed(0)
-    smooth = F.interpolate(torch.rand(48, 3, 4, 4, generator=g), size=16, mode="bilinear")
-    scale, shift = torch.tensor([1.0, 0.3, 0.6]).view(1, 3, 1, 1), torch.tensor([0.0, 0.5, 0.2]).view(1, 3, 1, 1)
-    noisy = (smooth + 0.1 * torch.rand(48, 3, 16, 16, generator=g)) * scale + shift  # unequal channel stats
-    images = (noisy.clamp(0, 1) * 255).to(torch.uint8)
-    blocks = F.unfold(common.to_float(images), 2, stride=2).transpose(1, 2).reshape(-1, 12)
-    mean = blocks.mean(0)
-    v = torch.linalg.svd(blocks - mean, full_matrices=False).Vh[:3]
-    model = stage1_rcae.RcAE(stage1_rcae.Config(image_size=16, depth=1, input_norm=1))
-    model.fit_input_norm(images)  # the span is read through the output's un-standardisation
-    with torch.no_grad():
-        model.up.weight.copy_(v.view(3, 3, 2, 2) / model.in_std.view(1, 3, 1, 1))
-        model.up.bias.copy_((mean.view(3, 4).mean(1) - model.in_mean.view(3)) / model.in_std.view(3))
-    bound = depth_probe.code_fit(model, images, images, 1)["pca_bound"]
-    assert depth_probe.up_span(model, images, 1) == pytest.approx(bound, rel=0.01)
-    recon = model(common.to_float(images), 1).detach()  # this D's depth 1: in the same span, so no better
-    ratio = (recon - common.to_float(images)).abs().mean() / (stage1_rcae.blur(common.to_float(images), 1)
-                                                              - common.to_float(images)).abs().mean()
-    assert ratio > depth_probe.up_span(model, images, 1)
-    with torch.no_grad():
-        model.up.weight.zero_()
-    assert depth_probe.up_span(model, images, 1) > 3 * bound
 
 
 def test_flops_scale_with_batch_and_area():
@@ -302,10 +163,15 @@ def test_cpu_peak_arithmetic():
     assert speed.within_peak(peak, 0.5 * peak["gflops"]) is peak
 
 
+def weights(root):
+    """{checkpoint: fingerprint of its weights} under root (stage 3 re-saves its calibration on every call)."""
+    return {p: common.fingerprint(torch.load(p, weights_only=True)["model"]) for p in root.rglob("*.pt")}
+
+
 def test_ablation_table4_smoke_and_runs_shared_with_table2(tmp_path):
     """--table 4 trains each row's model from its flags (read back from the checkpoints), scores it with
     evaluate.py and writes the paper's layout with the paper's numbers; --table 2 then trains nothing new."""
-    data = common.make_synthetic_category(tmp_path / "toy", size=32, n_train=8, n_test_good=2, n_test_bad=2)
+    data = synth.make_synthetic_category(tmp_path / "toy", size=32, n_train=8, n_test_good=2, n_test_bad=2)
     out = tmp_path / "abl"
     ablations.main(["--table", "4", "--data", data, "--image_size", "32", "--steps", "3,2,1", "--out", str(out)])
     rep = json.loads((out / "ablation_table4.json").read_text())
@@ -326,58 +192,52 @@ def test_ablation_table4_smoke_and_runs_shared_with_table2(tmp_path):
             assert torch.load(root / r["run"] / "stage3_crd.pt", weights_only=True)["step"] == 1
     md = (out / "ablation_table4.md").read_text()
     assert md.count("\n| ") == 1 + 5 and "| RcAE | ✓ | ✗ | crd |" in md and "| 71.3/74.2 | 73.5/75.0 |" in md
-    def weights():  # stage 3 re-saves its calibration on every call; the weights must stay
-        return {p: common.fingerprint(torch.load(p, weights_only=True)["model"]) for p in root.rglob("*.pt")}
-
-    trained = weights()
+    trained = weights(root)
     ablations.main(["--table", "2", "--data", data, "--image_size", "32", "--steps", "3,2,1", "--out", str(out)])
-    assert weights() == trained  # every Table 2 run was there: nothing trained again
+    assert weights(root) == trained  # every Table 2 run was there: nothing trained again
     t2 = json.loads((out / "ablation_table2.json").read_text())["rows"]
     assert [r["variant"] for r in t2] == ["rcae", "rcae", "rcae+dpn", "crd"]
     assert [r["paper"]["i_auroc"] for r in t2] == [82.4, 94.1, 95.7, 98.9]
     # --report 1 tabulates what is trained and evaluated, and trains nothing: Table 5's 100% rows are these runs
     t5 = ablations.main(["--table", "5", "--data", data, "--image_size", "32", "--steps", "3,2,1", "--out", str(out),
                          "--report", "1"])
-    assert weights() == trained and not any("train_fraction" in p.parent.name for p in root.rglob("*.pt"))
+    assert weights(root) == trained and not any("train_fraction" in p.parent.name for p in root.rglob("*.pt"))
     assert [r["labels"][1] for r in t5["rows"] if r["ours"]] == ["100%", "100%"]
     assert [r["ours"] for r in t5["rows"] if r["ours"]] == [t2[0]["ours"], t2[3]["ours"]]
 
 
-def test_paper_tables_4_and_5_agree_with_table2():
+def test_ablation_table6_trains_only_crds_on_the_shared_chain(tmp_path):
+    """Table 6's rows N_R = 1 and 3 train a CRD alone on the stages 1-2 of the full chain (its N_R = 5 row),
+    reading those depths; evaluate.py scores them through the chain their CRD recorded."""
+    data = synth.make_synthetic_category(tmp_path / "toy", size=32, n_train=8, n_test_good=2, n_test_bad=2)
+    out = tmp_path / "abl"
+    t6 = ablations.main(["--table", "6", "--data", data, "--image_size", "32", "--steps", "3,2,1", "--out", str(out)])
+    root = next((out / "tables").iterdir()) / "toy"
+    assert [r["run"] for r in t6["rows"]] == ["use_depths-5", "use_depths-1,3,5", "paper"]
+    assert [r["paper"]["use_depths"] for r in t6["rows"]] == [[5], [1, 3, 5], [1, 2, 3, 4, 5]]
+    chain = root / "paper"
+    for r, depths in zip(t6["rows"], ([5], [1, 3, 5], [1, 2, 3, 4, 5])):
+        ck = torch.load(root / r["run"] / "stage3_crd.pt", weights_only=True)
+        assert ck["model_config"]["use_depths"] == depths and ck["step"] == 1
+        assert ck["upstream"]["rcae"] == str((chain / "stage1_rcae.pt").resolve())  # the one shared chain
+        assert r["ours"]["toy"]["i_auroc"] is not None
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("stage[12]_*.pt")) == [
+        "paper/stage1_rcae.pt", "paper/stage2_dpn.pt"]  # stages 1-2 trained once
+    md = (out / "ablation_table6.md").read_text()
+    assert md.count("\n| ") == 1 + 3 and "| 3 | 1,3,5 | crd |" in md and "| 98.0/97.1 |" in md
+
+
+def test_paper_tables_4_5_and_6_agree_with_table2():
     """Table 4's ConvAE without skip and Table 5's 100% column are Table 2's ConvAE; RcAE with skip and
-    sharing, and RcAE at 100%, are the full method."""
+    sharing, RcAE at 100% and N_R = N = 5 are the full method."""
     paper = json.loads(ablations.PAPER.read_text())
-    t2, t4, t5 = (paper[k]["rows"] for k in ("table2", "table4", "table5"))
+    t2, t4, t5, t6 = (paper[k]["rows"] for k in ("table2", "table4", "table5", "table6"))
     assert t4[1]["mvtec"] == t5[0]["results"][-1] == {k: t2[0][k] for k in ("i_auroc", "p_auroc")}
     assert t4[4]["mvtec"] == t5[1]["results"][-1] == {k: t2[3][k] for k in ("i_auroc", "p_auroc")}
+    assert {k: t6[2][k] for k in ("i_auroc", "p_auroc")} == {k: t2[3][k] for k in ("i_auroc", "p_auroc")}
     assert paper["table5"]["train_fractions"] == [0.1, 0.25, 0.5, 0.75, 1.0]
-    rows5 = ablations.STUDIES["table5"]["rows"]
-    assert [r[0][1] for r in rows5] == ["10%", "25%", "50%", "75%", "100%"] * 2
-
-
-def test_border_scores_the_band_apart():
-    """A map that finds every defect inside the image and none at its border: AUROC 1 inside, 0 at the border;
-    a normal map lower at the border reads below 1."""
-    import numpy as np
-    band = border.band_of(16, 2)
-    assert band.mean() == pytest.approx(1 - (12 / 16) ** 2)
-    masks = np.zeros((3, 16, 16), bool)
-    masks[1, 0:2, 0:6] = True  # at the border: its 12 px all in the band
-    masks[2, 6:10, 6:10] = True  # inside
-    maps = np.full((3, 16, 16), 0.5)
-    maps[0, band] = 0.2  # the normal image: lower at the border
-    maps[1][masks[1]] = 0.0  # the border defect scored below every normal pixel
-    maps[2][masks[2]] = 1.0
-    r = border.border_scores(masks, maps, np.array([True, False, False]), band)
-    assert r["p_auroc_inside"] == 1.0 and r["p_auroc_border"] == 0.0
-    assert r["normal_border_over_inside"] == pytest.approx(0.4)
-    assert border.border_share(masks, band) == pytest.approx(12 / 28)
-
-
-def test_border_report(toy_data, tmp_path):
-    """Without run folders: where the test masks and both placements of pseudo anomalies put anomalous pixels."""
-    border.main(["--data", toy_data, "--image_size", "64", "--json", str(tmp_path / "b.json")])
-    r = json.loads((tmp_path / "b.json").read_text())
-    assert 0 <= r["test_share"] <= 1 and r["runs"] == []
-    assert r["pseudo_share"]["anywhere"] > r["pseudo_share"]["inside"]
-    assert r["normal_grad_border_over_inside"] > 0
+    assert [r[0][1] for r in ablations.TABLES[5]["rows"]] == ["10%", "25%", "50%", "75%", "100%"] * 2
+    assert [r[1].get("stage3_crd", ["", "1,2,3,4,5"])[1] for r in ablations.TABLES[6]["rows"]] == [
+        ",".join(map(str, r["use_depths"])) for r in t6]
+    full = {ablations.run_name(ablations.TABLES[k]["rows"][i][1]) for k, i in ((2, 3), (4, 4), (5, 9), (6, 2))}
+    assert full == {"paper"}  # the full method's rows of every table are one trained run

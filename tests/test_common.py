@@ -1,11 +1,9 @@
-"""common.py: loaders (every layout, image modes, aspect ratio), bad input, pseudo anomalies, grad, checkpoints."""
+"""common.py: loaders (every layout, image modes, aspect ratio), bad input, pseudo anomalies, the image gradient,
+checkpoints, the training loop; synth.py's generator."""
 import csv
-import importlib
-import math
 import shutil
-import subprocess
-import sys
 from argparse import Namespace
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -15,9 +13,13 @@ import torch
 from PIL import Image
 
 import common
+import evaluate
+import stage1_rcae
+import stage2_dpn
+import stage3_crd
+import synth
 from common import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import quick_args
 
 
 def make_mvtec(root, n_train=3, size=32, mode="RGB"):
@@ -40,9 +42,9 @@ def make_mvtec(root, n_train=3, size=32, mode="RGB"):
 
 
 def test_mvtec_layout(toy_data):
-    train = common.load_split(toy_data, "train", 32, 0)
-    test = common.load_split(toy_data, "test", 32, 0)
-    assert train.images.shape == (24, 3, 32, 32) and train.images.dtype == torch.uint8
+    train = common.load_train(toy_data, 32)
+    test = evaluate.load_test(toy_data, 32)
+    assert train.shape == (24, 3, 32, 32) and train.dtype == torch.uint8
     assert len(test) == 12 and test.labels.sum() == 6
     assert test.masks.shape == (12, 1, 32, 32) and test.masks.dtype == torch.bool
     assert not test.masks[test.labels == 0].any() and test.masks[test.labels == 1].any()
@@ -50,8 +52,8 @@ def test_mvtec_layout(toy_data):
 
 def test_visa_layout(toy_visa):
     assert common.detect_layout(toy_visa) == "visa"
-    train = common.load_split(toy_visa, "train", 32, 0)
-    test = common.load_split(toy_visa, "test", 32, 0)
+    train = common.load_train(toy_visa, 32)
+    test = evaluate.load_test(toy_visa, 32)
     assert len(train) == 12 and len(test) == 8 and test.labels.tolist().count(1) == 4
     assert test.masks[test.labels == 1].any()
 
@@ -71,21 +73,21 @@ def test_image_modes_become_rgb(tmp_path, mode):
 
 def test_grayscale_and_rgba_categories_load(tmp_path):
     for mode in ("L", "RGBA"):
-        split = common.load_split(str(make_mvtec(tmp_path / mode, mode=mode)), "train", 16, 0)
-        assert split.images.shape == (3, 3, 16, 16)
+        images = common.load_train(str(make_mvtec(tmp_path / mode, mode=mode)), 16)
+        assert images.shape == (3, 3, 16, 16)
 
 
 def test_masks_binarised(tmp_path):
     m = np.zeros((8, 8), np.uint8)
     m[2:4, 2:4] = 1  # VisA masks use small label values
     Image.fromarray(m).save(tmp_path / "m.png")
-    assert common.read_mask(tmp_path / "m.png", 8).sum() == 4
+    assert evaluate.read_mask(tmp_path / "m.png", 8).sum() == 4
 
 
 @pytest.mark.parametrize("layout", ["mvtec", "mpdd", "mvtec_ad2", "btad", "folder", "visa"])
 def test_every_layout_is_detected_and_read(tmp_path, layout):
-    data = common.make_synthetic_category(tmp_path / layout, size=16, n_train=5, n_test_good=2, n_test_bad=2,
-                                          layout=layout)
+    data = synth.make_synthetic_category(tmp_path / layout, size=16, n_train=5, n_test_good=2, n_test_bad=2,
+                                         layout=layout)
     assert common.detect_layout(data) == {"mpdd": "mvtec"}.get(layout, layout)
     train, test = common.list_samples(data, "train"), common.list_samples(data, "test")
     n_good = 1 if layout == "folder" else 2  # a plain folder's good/ (7 images) gives 20% to the test split
@@ -93,13 +95,13 @@ def test_every_layout_is_detected_and_read(tmp_path, layout):
     assert sorted(s.label for s in test) == [0] * n_good + [1, 1]
     assert all((s.mask is not None) == bool(s.label) for s in test)
     assert not {s.path for s in train} & {s.path for s in test}
-    split = common.load_split(data, "test", 16, 0)
+    split = evaluate.load_test(data, 16)
     assert split.masks[split.labels == 1].any() and not split.masks[split.labels == 0].any()
 
 
 def test_layout_mask_without_image(tmp_path):
-    data = Path(common.make_synthetic_category(tmp_path / "b", size=16, n_train=2, n_test_good=1, n_test_bad=1,
-                                               layout="btad"))
+    data = Path(synth.make_synthetic_category(tmp_path / "b", size=16, n_train=2, n_test_good=1, n_test_bad=1,
+                                              layout="btad"))
     shutil.copy(data / "ground_truth/ko/003.png", data / "ground_truth/ko/009.png")
     with pytest.raises(UserError, match=r"mask .*009.png has no image"):
         common.list_samples(str(data), "test")
@@ -111,30 +113,30 @@ def test_resize_keeps_geometry_and_maps_go_back(tmp_path, resize):
     a[5:15, 25:35] = 255
     Image.fromarray(a).save(tmp_path / "wide.png")
     img = common.read_image(tmp_path / "wide.png", 16, resize)[..., 0]  # (16, 16)
-    mask = common.read_mask(tmp_path / "wide.png", 16, resize)
+    mask = evaluate.read_mask(tmp_path / "wide.png", 16, resize)
     assert img.shape == mask.shape == (16, 16)
     assert np.array_equal(img > 127, mask) or resize == "squash"
     if resize == "pad":  # the long side fills the square, 4 black rows above and below
         assert not img[:4].any() and not img[-4:].any()
-    back = common.map_to_image(torch.from_numpy(mask).float()[None, None], (20, 40), 16, resize, (20, 40))[0, 0]
+    back = evaluate.map_to_image(torch.from_numpy(mask).float()[None, None], (20, 40), 16, resize, (20, 40))[0, 0]
     assert back.shape == (20, 40)
     assert (back > 0.5)[10, 27] and not (back > 0.5)[10, 15]  # the square lands where it was (crop: x 10-30 seen)
-    assert common.metric_frame(20, 40, 16) == (8, 16)
+    assert evaluate.metric_frame(20, 40, 16) == (8, 16)
 
 
 def test_squash_warns_once_for_non_square_images(tmp_path, capsys):
     root = make_mvtec(tmp_path / "c", n_train=2)
     Image.new("RGB", (48, 32)).save(root / "train/good/000.png")
     for resize in ("squash", "squash", "pad"):
-        common.load_split(str(root), "train", 16, 0, resize)
+        common.load_train(str(root), 16, resize)
     assert capsys.readouterr().err.count("not square") == 1
 
 
-def test_split_is_decoded_once_and_callers_cannot_change_it(tmp_path, monkeypatch):
-    data = common.make_synthetic_category(tmp_path / "d", size=16, n_train=4, n_test_good=1, n_test_bad=1)
-    decoded, real = [], common._decode
-    monkeypatch.setattr(common, "_decode", lambda *a, **k: (decoded.append(a[0]), real(*a, **k))[1])
-    args = Namespace(data=data, image_size=16, workers=0, holdout=0)
+def test_train_split_is_decoded_once_and_callers_cannot_change_it(tmp_path, monkeypatch):
+    data = synth.make_synthetic_category(tmp_path / "d", size=16, n_train=4, n_test_good=1, n_test_bad=1)
+    decoded, real = [], common.decode
+    monkeypatch.setattr(common, "decode", lambda *a, **k: (decoded.extend(a[0]), real(*a, **k))[1])
+    args = Namespace(data=data, image_size=16, holdout=0, resize="squash", train_fraction=1.0)
     first = common.train_images(args)
     first.zero_()  # a caller writing into its batch
     again = common.train_images(args)
@@ -182,7 +184,7 @@ def test_anomalous_image_without_mask_is_image_level(tmp_path):
     samples = common.list_samples(str(root), "test")
     assert [(Path(s.path).name, s.label, s.mask is not None) for s in samples if s.label] == \
         [("000.png", 1, True), ("001.png", 1, False)]
-    split = common.load_split(str(root), "test", 16, 0)
+    split = evaluate.load_test(str(root), 16)
     assert split.has_mask.tolist() == [False if Path(s.path).name == "001.png" and s.label else True
                                        for s in split.samples]
     shutil.rmtree(root / "ground_truth")  # no masks at all
@@ -206,8 +208,7 @@ def test_truncated_image_is_skipped_with_its_name(tmp_path, capsys):
     root = make_mvtec(tmp_path / "c", n_train=3)
     bad = root / "train/good/001.png"
     bad.write_bytes(bad.read_bytes()[:60])
-    split = common.load_split(str(root), "train", 16, 0)
-    assert len(split) == 2
+    assert len(common.load_train(str(root), 16)) == 2
     assert "001.png" in capsys.readouterr().err
 
 
@@ -216,20 +217,21 @@ def test_all_images_unreadable(tmp_path):
     for p in (root / "train/good").iterdir():
         p.write_bytes(b"not an image")
     with pytest.raises(UserError, match="could be read"):
-        common.load_split(str(root), "train", 16, 0)
+        common.load_train(str(root), 16)
 
 
 @pytest.mark.parametrize("size,depth,ok", [(256, 5, True), (96, 5, True), (100, 5, False), (16, 5, False), (64, 0, False)])
 def test_size_and_depth_checks(size, depth, ok):
-    args = Namespace(out="x", data="x", depth=depth, image_size=size, epochs=1, batch_size=1, max_steps=None, holdout=0.1)
+    argv = ["--data", "x", "--image_size", str(size), "--depth", str(depth)]
     if ok:
-        common.finish_args(args)
+        args = stage1_rcae.get_args(argv)
+        assert (args.image_size, args.depth) == (size, depth)
     else:
         with pytest.raises(UserError, match="--depth must be|cannot be halved"):
-            common.finish_args(args)
+            stage1_rcae.get_args(argv)
 
 
-# ----------------------------------------------------------------------------- augmentation, grad
+# ----------------------------------------------------------------------------- augmentation, image gradient
 
 
 def test_pseudo_anomaly_mask_is_exact_and_reproducible():
@@ -271,66 +273,59 @@ def test_pseudo_anomaly_mask_leaves_out_invisible_changes():
     assert tiny > 0  # such changes happened, and the masks left them out
 
 
-def test_pseudo_anomaly_kinds():
-    """One kind at a time: on a constant image a pasted patch (a copy of the same image) changes nothing, a colour
-    block or a crack does; all three kinds (the default) draw exactly the stream of naming them all."""
-    flat = torch.full((3, 32, 32), 0.5)
-    for seed in range(10):
-        g = lambda: torch.Generator().manual_seed(seed)
-        assert torch.equal(common.pseudo_anomaly(flat, g(), kinds=("paste",))[0], flat)
-        for kind in ("colour", "crack"):
-            assert common.pseudo_anomaly(flat, g(), size_mode="relative", kinds=(kind,))[1].sum() > 0
-        img = torch.rand(3, 32, 32, generator=g())
-        a, b = common.pseudo_anomaly(img, g()), common.pseudo_anomaly(img, g(), kinds=common.ANOMALY_KINDS)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-        # a warp moves the image's own texture: a visible change, no intensity the image does not have
-        out, mask = common.pseudo_anomaly(flat, g(), kinds=(common.WARP,))
-        assert torch.allclose(out, flat, atol=1e-6) and mask.sum() == 0
-        out, mask = common.pseudo_anomaly(img, g(), size_mode="relative", kinds=(common.WARP,))
-        assert mask.sum() > 0 and out.min() >= img.min() - 1e-6 and out.max() <= img.max() + 1e-6
+def save_untrained_chain(out, data, **stage1_flags):
+    """Stage-1 and stage-2 checkpoints of untrained models in `out`, as a plain command at 64 px, depth 3 writes
+    them (any stage1_flags given too): what stages 2 and 3 load, with no training."""
+    a1 = stage1_rcae.get_args(quick_args(data, out, **stage1_flags))
+    rcae = stage1_rcae.RcAE(stage1_rcae.Config(width=4, depth=a1.depth, image_size=a1.image_size))
+    common.save_checkpoint(f"{out}/stage1_rcae.pt", "stage1_rcae", rcae, asdict(rcae.cfg), a1, 1)
+    a2 = stage2_dpn.get_args(quick_args(data, out, image_size=None, depth=None))
+    dpn = stage2_dpn.DPN(stage2_dpn.Config(width=4, depth=a1.depth, image_size=a1.image_size))
+    common.save_checkpoint(f"{out}/stage2_dpn.pt", "stage2_dpn", dpn, asdict(dpn.cfg), a2, 1)
 
 
-def test_pseudo_anomalies_reach_the_border_when_placed_anywhere():
-    """"inside" keeps every block in the image, so the border is rarely masked; "anywhere" centres blocks anywhere
-    and the border cuts them: every kind, and a far larger share of the masked pixels near the border."""
-    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
-    band = torch.ones(64, 64, dtype=torch.bool)
-    band[4:-4, 4:-4] = False  # within 4 px of the border: 23% of the image
-    share = {}
-    for place in common.PLACES:
-        near = total = 0
-        for seed in range(60):
-            kinds = ((*common.ANOMALY_KINDS, common.WARP)[seed % 4],)
-            out, mask = common.pseudo_anomaly(img, torch.Generator().manual_seed(seed), size_mode="relative",
-                                              kinds=kinds, place=place)
-            assert out.shape == img.shape and mask.shape == (1, 64, 64)
-            near, total = near + float(mask[0][band].sum()), total + float(mask.sum())
-        share[place] = near / total
-    assert share["anywhere"] > 0.15 and share["anywhere"] > 2 * share["inside"], share
-    for bad in ({"kinds": ("scratch",)}, {"kinds": ()}, {"place": "edge"}, {"colours": "rgb"}):  # a typo: an error
-        with pytest.raises(ValueError, match="unknown kinds, place or colours"):
-            common.pseudo_anomaly(img, torch.Generator().manual_seed(0), **bad)
+class Trained(Exception):
+    """Raised in place of common.train: what a stage's main passed it, with nothing trained."""
 
 
-def test_every_stage_places_and_colours_pseudo_anomalies_by_its_flags():
-    """--anomaly_place and --anomaly_colour reach each stage's batches through anomaly_kwargs: "anywhere" draws
-    other anomalies than "inside" from the same generator, in stage 1's noisy input, stage 2's and stage 3's
-    images; on a dark batch "image" colours stay below its brightest pixel, "uniform" ones do not."""
-    import argparse
+def train_kwargs(monkeypatch, main, argv):
+    """The keyword arguments `main(argv)` hands to common.train (it stops there)."""
+    def stop(**kw):
+        raise Trained(kw)
 
-    import stage1_rcae
-    import stage2_dpn
-    import stage3_crd
+    monkeypatch.setattr(common, "train", stop)
+    with pytest.raises(Trained) as e:
+        main(argv)
+    return e.value.args[0]
+
+
+def test_stages_1_and_3_draw_pseudo_anomalies_by_their_flags_and_stage_2_none(toy_data, tmp_path, monkeypatch):
+    """--anomaly_prob, --anomaly_size and --anomaly_colour reach the batches of stages 1 and 3 (what main hands
+    common.train): on a dark batch "image" colours stay below its brightest pixel, "uniform" ones do not, and
+    "relative" draws other anomalies than "scaled" from the same generator; --anomaly_prob 0 leaves the images
+    clean. Stage 2 trains on the clean images (paper)."""
+    save_untrained_chain(tmp_path, toy_data)
     x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.25  # dark
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
-    batch = {"stage1_rcae": lambda **kw: stage1_rcae.make_batch(x, g(), depth=2, **kw)["input"],
-             "stage2_dpn": lambda **kw: stage2_dpn.make_batch(x, g(), **kw)["image"],
-             "stage3_crd": lambda **kw: stage3_crd.make_batch(x, g(), **kw)["image"]}
-    flags = lambda place="inside", colour="uniform": common.anomaly_kwargs(argparse.Namespace(  # noqa: E731
-        anomaly_prob=1.0, anomaly_size="relative", opacity="strong", anomaly_place=place, anomaly_colour=colour))
-    for stage, make in batch.items():
-        assert not torch.equal(make(**flags("inside")), make(**flags("anywhere"))), stage
-        assert make(**flags(colour="uniform")).max() > 0.3 >= make(**flags(colour="image")).max(), stage
+    inherited = dict(image_size=None, depth=None)  # stage 3 takes them from the stage-1 checkpoint
+    for main, key, upstream in ((stage1_rcae.main, "input", {}), (stage3_crd.main, "image", inherited)):
+        def batch(**flags):
+            kw = train_kwargs(monkeypatch, main, quick_args(toy_data, tmp_path, **upstream, **flags))
+            return kw["make_batch"](x, g())[key]
+
+        uniform = batch(anomaly_prob=1.0, anomaly_colour="uniform")
+        image = batch(anomaly_prob=1.0, anomaly_colour="image")
+        assert uniform.max() > 0.3 >= image.max(), main.__module__
+        assert not torch.equal(batch(anomaly_prob=1.0, anomaly_size="relative"), uniform), main.__module__
+        assert torch.equal(batch(anomaly_prob=0.0), x), main.__module__
+    kw = train_kwargs(monkeypatch, stage2_dpn.main, quick_args(toy_data, tmp_path, image_size=None, depth=None))
+    assert kw["make_batch"](x, g()).keys() == {"image"} and torch.equal(kw["make_batch"](x, g())["image"], x)
+
+
+def test_pseudo_anomaly_refuses_a_misspelt_colour():
+    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="colours"):  # a typo must not silently draw uniform colours
+        common.pseudo_anomaly(img, torch.Generator().manual_seed(0), colours="rgb")
 
 
 def test_image_colours_stay_in_the_images_range():
@@ -342,13 +337,13 @@ def test_image_colours_stay_in_the_images_range():
     lo, hi = dark.amin((1, 2), keepdim=True), dark.amax((1, 2), keepdim=True)
     outside = 0
     for seed in range(20):
-        kinds = (("colour", "crack")[seed % 2],)
         g = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
-        out, mask = common.pseudo_anomaly(dark, g(), size_mode="relative", kinds=kinds, colours="image")
+        out, mask = common.pseudo_anomaly(dark, g(), size_mode="relative", colours="image")
         assert mask.sum() > 0 and (out >= lo - 1e-6).all() and (out <= hi + 1e-6).all()
-        out, mask = common.pseudo_anomaly(gray, g(), size_mode="relative", kinds=kinds, colours="image")
-        assert mask.sum() > 0 and common._is_gray(out) and out.max() <= gray.max() + 1e-6
-        out, _ = common.pseudo_anomaly(dark, g(), size_mode="relative", kinds=kinds)  # uniform, the default
+        out, mask = common.pseudo_anomaly(gray, g(), size_mode="relative", colours="image")
+        assert mask.sum() > 0 and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+        assert out.max() <= gray.max() + 1e-6
+        out, _ = common.pseudo_anomaly(dark, g(), size_mode="relative")  # uniform, the default
         outside += int(((out < lo - 1e-6) | (out > hi + 1e-6)).any())
     assert outside >= 15
 
@@ -372,35 +367,14 @@ def test_pseudo_anomaly_size_modes(mode):
         return np.mean([common.pseudo_anomaly(img, torch.Generator().manual_seed(s), size_mode=mode)[1].mean()
                         for s in range(30)])
     ratio = mean_area(128) / mean_area(512)  # fraction of the image at 128 px over that at 512 px
-    # "pixels" keeps the pixel size, so the fraction shrinks 16x at 4x the side; the others keep the fraction
-    assert (ratio > 6) if mode == "pixels" else (0.3 < ratio < 3)
+    assert 0.3 < ratio < 3  # every size mode keeps the fraction of the image
     if mode == "relative":
         assert mean_area(128) > 4 * np.mean([common.pseudo_anomaly(torch.rand(3, 128, 128), torch.Generator().manual_seed(
             s))[1].mean() for s in range(30)])  # far larger than the scaled reading at 128 px
 
 
-def test_opacity_draem_draws_fainter_pseudo_anomalies():
-    """--opacity draem blends every kind at U[0.1, 1] (DRAEM): the changes under the masks are fainter than
-    under "strong" (colour blocks 0.5-1, pastes and cracks opaque), and the masks still mark visible ones only."""
-    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2))
-    thr = max(1 / 255, common.MIN_VISIBLE * float(img.std()))
-    change = {}
-    for opacity in common.OPACITIES:
-        seen = []
-        for seed in range(60):
-            out, mask = common.pseudo_anomaly(img, torch.Generator().manual_seed(seed), size_mode="relative",
-                                              opacity=opacity)
-            d = (out - img).abs().amax(0)[mask[0] > 0]
-            assert (d > thr).all()
-            seen.append(d)
-        change[opacity] = torch.cat(seen).mean().item()
-    assert change["draem"] < 0.8 * change["strong"], change
-
-
 def test_every_stage_draws_its_own_pseudo_anomalies():
     """Stage 3 must not train on exactly the corruptions stage 1 was fitted to remove (same seed, same step)."""
-    import stage1_rcae
-    import stage3_crd
     images = (torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     s1 = common.Batches(images, 4, 0, 0, 3, partial(stage1_rcae.make_batch, anomaly_prob=1.0, depth=2),
                         stream="stage1_rcae")
@@ -420,13 +394,13 @@ def test_augment_batch_probability():
     assert (masks.flatten(1).sum(1) > 0).all()
 
 
-def test_grad_operator():
+def test_image_gradient():
     x = torch.zeros(1, 1, 4, 4)
     x[..., :, 2:] = 1  # a vertical edge between columns 1 and 2
-    g = common.grad(x)
+    g = common.image_gradient(x)
     assert g.shape == (1, 2, 4, 4)
     assert torch.equal(g[0, 0], torch.tensor([[0, 1.0, 0, 0]] * 4)) and g[0, 1].abs().sum() == 0
-    assert common.grad(torch.ones(2, 3, 5, 5)).abs().sum() == 0
+    assert common.image_gradient(torch.ones(2, 3, 5, 5)).abs().sum() == 0
 
 
 @pytest.mark.parametrize("conv,shape", [(torch.nn.Conv2d(7, 4, 3, padding=1), (2, 7, 9, 9)),
@@ -449,36 +423,10 @@ def test_conv_cat_equals_conv_of_concat(conv, shape):
         common.conv_cat(conv, x[:, :2])
 
 
-PAGE_FAULTS = """
-import resource, sys, torch, common
-common.keep_freed_memory(sys.argv[1] == "1")
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(30):
-    torch.empty(2 ** 24).fill_(1)  # what a training step does with its activations
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
-x = torch.empty(2 ** 27).fill_(1)  # 512 MB, then freed: kept, or handed back by release_memory
-held = rss()
-del x
-common.release_memory()
-print((held - rss()) // 2 ** 20)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_freed_memory_is_reused_not_faulted_in_again_and_released():
-    out = {keep: subprocess.run([sys.executable, "-c", PAGE_FAULTS, keep], capture_output=True, text=True,
-                                check=True, cwd=ROOT).stdout.split() for keep in ("0", "1")}
-    faults = {keep: int(v[0]) for keep, v in out.items()}
-    assert faults["0"] > 30 * 2 ** 24 * 4 / 4096 * 0.9  # glibc's default: every 64 MB block faulted in again
-    assert faults["1"] < faults["0"] / 2  # kept: a few blocks while the heap settles, then none
-    assert int(out["1"][1]) > 400  # release_memory hands the kept 512 MB back (MB)
-
-
 def test_topk_mean():
     maps = torch.zeros(2, 1, 10, 10)
     maps[0, 0, 0, :5] = 1
-    assert common.topk_mean(maps, 0.05).tolist() == [1.0, 0.0]
+    assert stage3_crd.topk_mean(maps, 0.05).tolist() == [1.0, 0.0]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -516,12 +464,21 @@ def test_interrupted_write_keeps_old_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temp file left behind
 
 
-def test_inherit_rule():
-    args = Namespace(depth=None, image_size=64)
-    common.inherit(args, {"depth": 3, "image_size": 64}, ["depth", "image_size"], "stage 1")
-    assert args.depth == 3
-    with pytest.raises(UserError, match="--image_size 128 conflicts with stage 1"):
-        common.inherit(Namespace(image_size=128), {"image_size": 64}, ["image_size"], "stage 1")
+def test_stages_2_and_3_inherit_the_stage_1_settings(toy_data, tmp_path, capsys):
+    """Image size, depth, holdout, resize and train fraction come from the stage-1 checkpoint (stage2_dpn.upstream_rcae,
+    for stage 3 too); stages 2 and 3 have no such flags to conflict with it."""
+    set_by_stage1 = dict(image_size=32, depth=2, holdout=0.25, resize="pad", train_fraction=0.5)
+    save_untrained_chain(tmp_path, toy_data, **set_by_stage1)
+    assert set(common.INHERITED) == set(set_by_stage1)
+    for stage in (stage2_dpn, stage3_crd):
+        args = stage.get_args(quick_args(toy_data, tmp_path, image_size=None, depth=None))
+        assert not set(common.INHERITED) & set(vars(args))
+        stage2_dpn.upstream_rcae(args)
+        assert {k: getattr(args, k) for k in common.INHERITED} == set_by_stage1, stage.STAGE
+        for flag, value in set_by_stage1.items():
+            with pytest.raises(SystemExit) as e:
+                stage.get_args(quick_args(toy_data, tmp_path, **{"image_size": None, "depth": None, flag: value}))
+            assert e.value.code == 2 and f"unrecognized arguments: --{flag}" in capsys.readouterr().err
 
 
 def test_batches_are_a_function_of_seed_and_step():
@@ -535,9 +492,9 @@ def test_batches_are_a_function_of_seed_and_step():
 
 
 def test_synthetic_generator_cli(tmp_path):
-    common.main(["synth", "--out", str(tmp_path / "s"), "--size", "32", "--n_train", "4", "--n_test", "2"])
+    synth.main(["--out", str(tmp_path / "s"), "--size", "32", "--n_train", "4", "--n_test", "2"])
     assert len(common.list_samples(str(tmp_path / "s"), "test")) == 4
-    common.main(["synth", "--out", str(tmp_path / "v"), "--size", "32", "--layout", "visa", "--n_train", "3", "--n_test", "1"])
+    synth.main(["--out", str(tmp_path / "v"), "--size", "32", "--layout", "visa", "--n_train", "3", "--n_test", "1"])
     rows = list(csv.DictReader(open(tmp_path / "v" / "split_csv" / "1cls.csv")))
     assert {r["split"] for r in rows} == {"train", "test"}
 
@@ -554,7 +511,7 @@ def test_train_loop_applies_lr_schedule_and_drops_optimizer_when_done(tmp_path):
         return 0.5 if step > 2 else 1.0
 
     args = Namespace(device="cpu", lr=0.1, epochs=1, batch_size=2, max_steps=4, overwrite=False, compile=0,
-                     seed=0, workers=0, amp=0, log_every=1, save_every=2, save_every_min=0, max_minutes=None)
+                     seed=0, amp=0, save_every=2)
     ck = common.train(stage="t", model=model, model_config={}, args=args, images=torch.zeros(8, 3, 4, 4, dtype=torch.uint8),
                       make_batch=lambda x, gen: {"x": x}, loss_fn=loss_fn, ckpt_path=tmp_path / "t.pt", lr_at=lr_at)
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
@@ -565,34 +522,36 @@ def test_train_loop_applies_lr_schedule_and_drops_optimizer_when_done(tmp_path):
 
 
 @pytest.mark.parametrize("n", [1, 9, 24, 209])
-def test_train_fractions_are_nested_and_fixed(n):
+def test_train_fractions_are_nested_and_fixed(n, monkeypatch):
+    """common.train_images with --holdout 0 on n images whose pixel is their index: the indices each fraction keeps."""
+    monkeypatch.setattr(common, "load_train", lambda *a: torch.arange(n, dtype=torch.uint8)[:, None, None, None])
+    kept = lambda f: common.train_images(Namespace(data="x", image_size=1, resize="squash", holdout=0.0,  # noqa: E731
+                                                   train_fraction=f))[:, 0, 0, 0].tolist()
     fracs = (0.1, 0.25, 0.5, 0.75, 1.0)
-    subsets = [common.fraction_indices(n, f) for f in fracs]
+    subsets = [kept(f) for f in fracs]
     assert [len(s) for s in subsets] == [max(1, round(n * f)) for f in fracs]
     assert subsets[-1] == list(range(n))
     for small, large in zip(subsets, subsets[1:]):
         assert set(small) <= set(large)  # 10% inside 25% inside 50% ...
     torch.manual_seed(123)  # the global seed (--seed) does not move the subset
-    assert common.fraction_indices(n, 0.25) == subsets[1]
+    assert kept(0.25) == subsets[1]
     if n >= 24:  # a random draw, not the first files of the sorted list
         assert subsets[1] != list(range(len(subsets[1])))
 
 
 def test_train_fraction_leaves_the_holdout_alone(tmp_path):
-    data = common.make_synthetic_category(tmp_path / "c", size=32, n_train=20, n_test_good=1, n_test_bad=1)
-    args = lambda f: Namespace(data=data, image_size=32, workers=0, holdout=0.1, resize="squash", train_fraction=f)  # noqa: E731
+    data = synth.make_synthetic_category(tmp_path / "c", size=32, n_train=20, n_test_good=1, n_test_bad=1)
+    args = lambda f: Namespace(data=data, image_size=32, holdout=0.1, resize="squash", train_fraction=f)  # noqa: E731
     full, hold = common.train_images(args(1.0)), common.train_images(args(1.0), "holdout")
     quarter = common.train_images(args(0.25))
     assert len(full) == 18 and len(hold) == 2 and len(quarter) == round(18 * 0.25)
     as_set = lambda t: {bytes(x.flatten().numpy()) for x in t}  # noqa: E731
     assert as_set(quarter) <= as_set(full) and not as_set(quarter) & as_set(hold)
     assert torch.equal(common.train_images(args(0.25), "holdout"), hold)
-    assert torch.equal(common.train_images(Namespace(**{**vars(args(1.0)), "train_fraction": None})), full)
 
 
 @pytest.mark.parametrize("frac", ["0", "1.5", "-0.1"])
 def test_train_fraction_out_of_range_is_refused(frac):
-    import stage1_rcae
     with pytest.raises(UserError, match=r"--train_fraction must be in \(0, 1\]"):
         stage1_rcae.get_args(["--data", "x", "--train_fraction", frac])
 
@@ -603,8 +562,7 @@ def test_train_loop_sets_the_optimiser_lr_from_the_schedule(tmp_path):
         torch.manual_seed(0)
         model = torch.nn.Conv2d(3, 3, 1)
         args = Namespace(device="cpu", lr=0.1, epochs=1, batch_size=2, max_steps=max_steps, overwrite=False,
-                         compile=0, seed=0, workers=0, amp=0, log_every=1, save_every=100, save_every_min=0,
-                         max_minutes=None)
+                         compile=0, seed=0, amp=0, save_every=100)
         images = torch.randint(0, 255, (8, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         common.train(stage="t", model=model, model_config={}, args=args, images=images,
                      make_batch=lambda x, gen: {"x": x}, loss_fn=lambda net, b: ((net(b["x"]) - 0.5).pow(2).mean(), {}),
@@ -616,8 +574,8 @@ def test_train_loop_sets_the_optimiser_lr_from_the_schedule(tmp_path):
     assert not torch.equal(run(4, None, "four"), two)
 
 
-def test_lr_schedule_flag_sets_the_lr_of_every_step(tmp_path, monkeypatch):
-    """--lr_schedule cosine: step t of T runs at lr * (1 + cos(pi (t-1) / T)) / 2; constant keeps lr."""
+def test_every_step_runs_at_the_constant_lr(tmp_path, monkeypatch):
+    """With no lr_at (every recursion stage: a constant learning rate, as in the paper) each step runs at --lr."""
     seen, adam_step = [], torch.optim.Adam.step
 
     def recording_step(self, *a, **k):  # the lr each optimiser step runs at
@@ -625,43 +583,35 @@ def test_lr_schedule_flag_sets_the_lr_of_every_step(tmp_path, monkeypatch):
         return adam_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
-
-    def run(schedule):
-        seen.clear()
-        args = Namespace(device="cpu", lr=0.1, epochs=1, batch_size=2, max_steps=4, overwrite=True, compile=0,
-                         seed=0, workers=0, amp=0, log_every=1, save_every=100, save_every_min=0, max_minutes=None,
-                         lr_schedule=schedule)
-        images = torch.zeros(8, 3, 4, 4, dtype=torch.uint8)
-        common.train(stage="t", model=torch.nn.Conv2d(3, 3, 1), model_config={}, args=args, images=images,
-                     make_batch=lambda x, gen: {"x": x}, loss_fn=lambda net, b: (net(b["x"]).pow(2).mean(), {}),
-                     ckpt_path=tmp_path / f"{schedule}.pt")
-        return list(seen)
-
-    assert run("cosine") == pytest.approx([0.1 * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)])
-    assert run("constant") == pytest.approx([0.1] * 4)
-    for stage in ("stage1_rcae", "stage2_dpn", "stage3_crd"):  # every recursion stage takes the flag
-        assert importlib.import_module(stage).get_args(["--data", "x", "--lr_schedule", "cosine"]).lr_schedule == "cosine"
+    args = Namespace(device="cpu", lr=0.1, epochs=1, batch_size=2, max_steps=4, overwrite=True, compile=0, seed=0,
+                     amp=0, save_every=100)
+    common.train(stage="t", model=torch.nn.Conv2d(3, 3, 1), model_config={}, args=args,
+                 images=torch.zeros(8, 3, 4, 4, dtype=torch.uint8), make_batch=lambda x, gen: {"x": x},
+                 loss_fn=lambda net, b: (net(b["x"]).pow(2).mean(), {}), ckpt_path=tmp_path / "constant.pt")
+    assert seen == pytest.approx([0.1] * 4)
 
 
 def test_ema_saves_the_average_of_the_weights_and_leaves_training_alone(tmp_path):
-    """--ema DECAY: the raw weights take the same steps as without it; a finished run saves their moving
-    average (decay_t = min(DECAY, (1 + t) / (10 + t))), and an interrupted run resumes both."""
+    """--ema DECAY (stage1_rcae.EMA): the raw weights take the same steps as without it; a finished run saves their
+    moving average (decay_t = min(DECAY, (1 + t) / (10 + t))), and an interrupted run resumes both."""
     images = torch.randint(0, 255, (8, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
-    def run(name, ema, max_minutes=None):
+    def run(name, ema, stop_at=None):
         torch.manual_seed(0)
         model, seen = torch.nn.Conv2d(3, 3, 1), []
 
         def loss_fn(net, b):
+            if len(seen) + 1 == stop_at:  # Ctrl-C in step stop_at: the steps before it are saved
+                raise KeyboardInterrupt
             seen.append(net.weight.detach().clone())  # the weights each step starts from
             return (net(b["x"]) - 0.5).pow(2).mean(), {}
 
         args = Namespace(device="cpu", lr=0.1, epochs=2, batch_size=2, max_steps=6, overwrite=False, compile=0,
-                         seed=0, workers=0, amp=0, log_every=1, save_every=100, save_every_min=0,
-                         max_minutes=max_minutes, ema=ema, val_every=0)
+                         seed=0, amp=0, save_every=100, ema=ema)
         ck = common.train(stage="t", model=model, model_config={}, args=args, images=images,
                           make_batch=lambda x, gen: {"x": x}, loss_fn=loss_fn, ckpt_path=tmp_path / f"{name}.pt",
-                          validate=lambda m: {"w": float(m.weight.sum())})
+                          validate=lambda m: {"w": float(m.weight.sum())},
+                          ema=stage1_rcae.EMA(model, ema) if ema else None)
         return ck, seen + [model.weight.detach().clone()]
 
     plain_ck, plain_w = run("plain", 0.0)  # the weights each step starts from, then the last step's
@@ -676,16 +626,21 @@ def test_ema_saves_the_average_of_the_weights_and_leaves_training_alone(tmp_path
     assert ema_ck["val"]["w"] == pytest.approx(float(avg.sum()), abs=1e-5)  # the average is what is validated
     assert not torch.allclose(avg, plain_w[-1], atol=1e-3)  # the average is not the last step's weights
 
-    part, _ = run("resumed", 0.9, max_minutes=0)  # stops (and saves) after step 1: raw weights + the average
+    with pytest.raises(common.Interrupted):
+        run("resumed", 0.9, stop_at=2)  # stops (and saves) after step 1: raw weights + the average
+    part = common.load_checkpoint(tmp_path / "resumed.pt", "t")
     assert part["step"] == 1 and "ema" in part and "optimizer" in part
     resumed, _ = run("resumed", 0.9)
     assert resumed["step"] == 6 and torch.allclose(resumed["model"]["weight"], ema_ck["model"]["weight"], atol=1e-7)
 
 
-def test_ema_flag_reaches_every_recursion_stage_and_is_checked():
-    for stage in ("stage1_rcae", "stage2_dpn", "stage3_crd"):
-        mod = importlib.import_module(stage)
-        assert mod.get_args(["--data", "x"]).ema == 0.0  # off: the paper saves the last step's weights
-        assert mod.get_args(["--data", "x", "--ema", "0.99"]).ema == 0.99
-        with pytest.raises(UserError, match=r"--ema must be in \[0, 1\)"):
-            mod.get_args(["--data", "x", "--ema", "1"])
+def test_ema_is_a_stage_1_flag_and_is_checked(capsys):
+    assert stage1_rcae.get_args(["--data", "x"]).ema == 0.0  # off: the paper saves the last step's weights
+    assert stage1_rcae.get_args(["--data", "x", "--ema", "0.99"]).ema == 0.99
+    with pytest.raises(UserError, match=r"--ema must be in \[0, 1\)"):
+        stage1_rcae.get_args(["--data", "x", "--ema", "1"])
+    for stage in (stage2_dpn, stage3_crd):  # they train on the frozen (averaged) weights of stage 1
+        assert not hasattr(stage.get_args(["--data", "x"]), "ema")
+        with pytest.raises(SystemExit) as e:
+            stage.get_args(["--data", "x", "--ema", "0.99"])
+        assert e.value.code == 2 and "unrecognized arguments: --ema" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""evaluate.py: the metrics against sklearn and a brute-force AUPRO, then the harness end to end."""
+"""metrics.py against sklearn and a brute-force AUPRO, then the harness evaluate.py end to end."""
 import math
 from pathlib import Path
 
@@ -8,6 +8,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 import evaluate
+import metrics
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -50,7 +51,7 @@ def random_case(seed, n=3, size=12, levels=None):
 @pytest.mark.parametrize("seed,levels", [(0, None), (1, None), (2, 5), (3, 3), (4, 20), (5, 1)])
 def test_aupro_matches_brute_force(seed, levels):
     masks, maps = random_case(seed, levels=levels)
-    got, want = evaluate.aupro(masks, maps), aupro_brute(masks, maps)
+    got, want = metrics.aupro(masks, maps), aupro_brute(masks, maps)
     assert 0 <= got <= 1
     assert got == pytest.approx(want, abs=1e-9)
 
@@ -64,20 +65,20 @@ def test_aupro_diagonal_pixels_are_one_region():
     # 8-connected: regions A, B; PRO 0.25 at FPR 0, then a straight segment to (1, 1), which is at
     # 0.475 at FPR 0.3: area 0.3 * (0.25 + 0.475) / 2, normalised 0.3625. 4-connectivity would see
     # three regions (PRO 1/3 at FPR 0) and give 0.4333.
-    assert evaluate.aupro(masks, maps) == pytest.approx(aupro_brute(masks, maps))
-    assert evaluate.aupro(masks, maps) == pytest.approx(0.3625, abs=1e-9)
+    assert metrics.aupro(masks, maps) == pytest.approx(aupro_brute(masks, maps))
+    assert metrics.aupro(masks, maps) == pytest.approx(0.3625, abs=1e-9)
 
 
 def test_aupro_analytic_cases():
     masks, maps = random_case(7)
     perfect = (masks > 0).astype(np.float32)
-    assert evaluate.aupro(masks, perfect) == pytest.approx(1.0)
+    assert metrics.aupro(masks, perfect) == pytest.approx(1.0)
     # all scores equal: one threshold, the curve jumps from (0, 0) to (1, 1); the line PRO = FPR has
     # area 0.3^2 / 2 = 0.045 below 0.3, normalised 0.045 / 0.3 = 0.15
-    assert evaluate.aupro(masks, np.full(maps.shape, 0.3, np.float32)) == pytest.approx(0.15)
-    assert evaluate.aupro(masks, 1 - perfect) == pytest.approx(0.0, abs=1e-9)
-    assert evaluate.aupro(masks, -maps) < 0.05  # inverted scores
-    assert evaluate.aupro(masks, maps, fpr_limit=1.0) == pytest.approx(aupro_brute(masks, maps, 1.0))
+    assert metrics.aupro(masks, np.full(maps.shape, 0.3, np.float32)) == pytest.approx(0.15)
+    assert metrics.aupro(masks, 1 - perfect) == pytest.approx(0.0, abs=1e-9)
+    assert metrics.aupro(masks, -maps) < 0.05  # inverted scores
+    assert metrics.aupro(masks, maps, fpr_limit=1.0) == pytest.approx(aupro_brute(masks, maps, 1.0))
 
 
 def test_aupro_never_above_one_and_regions_of_any_size():
@@ -87,7 +88,7 @@ def test_aupro_never_above_one_and_regions_of_any_size():
     masks[1, 35, 35] = 1
     maps = rng.random((2, 40, 40)) + 2.0 * masks
     maps[1, 35, 35] = 0.0  # the 1-pixel region is missed completely until FPR 1
-    v = evaluate.aupro(masks, maps)
+    v = metrics.aupro(masks, maps)
     assert v == pytest.approx(aupro_brute(masks, maps))
     assert 0.49 < v <= 0.5 + 1e-9
 
@@ -95,28 +96,28 @@ def test_aupro_never_above_one_and_regions_of_any_size():
 def test_metrics_one_class_is_nan_not_a_crash():
     maps = np.random.default_rng(0).random((3, 8, 8))
     zeros = np.zeros((3, 8, 8))
-    assert math.isnan(evaluate.aupro(zeros, maps))
-    assert math.isnan(evaluate.aupro(np.ones((3, 8, 8)), maps))  # no normal pixel
-    assert math.isnan(evaluate.pixel_auroc(zeros, maps))
-    assert math.isnan(evaluate.image_auroc([0, 0, 0], [0.1, 0.2, 0.3]))
-    assert all(math.isnan(v) for v in evaluate.best_f1([1, 1], [0.1, 0.2]))
+    assert math.isnan(metrics.aupro(zeros, maps))
+    assert math.isnan(metrics.aupro(np.ones((3, 8, 8)), maps))  # no normal pixel
+    assert math.isnan(metrics.pixel_auroc(zeros, maps))
+    assert math.isnan(metrics.image_auroc([0, 0, 0], [0.1, 0.2, 0.3]))
+    assert all(math.isnan(v) for v in metrics.best_f1([1, 1], [0.1, 0.2]))
 
 
 def test_aurocs_match_sklearn():
     rng = np.random.default_rng(3)
     masks = (rng.random((4, 16, 16)) > 0.8).astype(np.uint8) * 255  # 255 like mask files: binarised
     maps = rng.random((4, 16, 16)) + 0.3 * (masks > 0)
-    assert evaluate.pixel_auroc(masks, maps) == pytest.approx(roc_auc_score((masks > 0).ravel(), maps.ravel()), abs=1e-6)
+    assert metrics.pixel_auroc(masks, maps) == pytest.approx(roc_auc_score((masks > 0).ravel(), maps.ravel()), abs=1e-6)
     labels, scores = rng.integers(0, 2, 50), rng.random(50)
-    assert evaluate.image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
-    assert evaluate.image_auroc([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == 1.0
-    assert evaluate.image_auroc([0, 1, 0, 1], [0.9, 0.1, 0.8, 0.2]) == 0.0
+    assert metrics.image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+    assert metrics.image_auroc([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == 1.0
+    assert metrics.image_auroc([0, 1, 0, 1], [0.9, 0.1, 0.8, 0.2]) == 0.0
 
 
 def test_best_f1():
-    f1, t = evaluate.best_f1([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9])
+    f1, t = metrics.best_f1([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9])
     assert (f1, t) == (1.0, 0.7)
-    f1, t = evaluate.best_f1([0, 1, 0, 1], [0.1, 0.2, 0.7, 0.9])  # best: all >= 0.2, F1 0.8
+    f1, t = metrics.best_f1([0, 1, 0, 1], [0.1, 0.2, 0.7, 0.9])  # best: all >= 0.2, F1 0.8
     labels, scores = np.array([0, 1, 0, 1]), np.array([0.1, 0.2, 0.7, 0.9])
     brute = max((2 * ((scores >= u) & (labels == 1)).sum() / ((scores >= u).sum() + labels.sum()), u) for u in scores)
     assert (f1, t) == pytest.approx(brute) == (0.8, 0.2)
@@ -168,9 +169,10 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import stage1_rcae  # noqa: E402
+import synth  # noqa: E402
 from conftest import quick_args  # noqa: E402
 
-FAST = ["--device", "cpu", "--workers", "0", "--n_figures", "1"]
+FAST = ["--device", "cpu", "--n_figures", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +279,7 @@ def test_full_chain_three_variants_and_predict(toy_data, trained, tmp_path):
     # every variant gets the same post-processing, and metrics.json says which
     assert m["post_processing"] == {"gaussian_sigma": 4.0, "applied_to": "every variant's map"}
     st = stage3_crd.load_chain(out)
-    x = common.to_float(common.load_split(toy_data, "test", 64, 0).images[:2])
+    x = common.to_float(evaluate.load_test(toy_data, 64).images[:2])
     det = stage3_crd.detector_of(st)
     for sigma in (0.0, 4.0):
         crd_map = evaluate.variant_fns(st, sigma, 0.01)["crd"](x)[0]
@@ -428,8 +430,8 @@ def test_mask_without_image_is_an_error(toy_data, trained, tmp_path):
 
 @pytest.mark.parametrize("layout", ["mvtec_ad2", "btad", "folder"])
 def test_other_layouts_evaluate(trained, tmp_path, layout):
-    data = common.make_synthetic_category(tmp_path / layout, size=64, n_train=4, n_test_good=3, n_test_bad=3,
-                                          layout=layout)
+    data = synth.make_synthetic_category(tmp_path / layout, size=64, n_train=4, n_test_good=3, n_test_bad=3,
+                                         layout=layout)
     out = tmp_path / "out"
     out.mkdir()
     shutil.copy(trained / "stage1_rcae.pt", out)
@@ -442,7 +444,7 @@ def test_other_layouts_evaluate(trained, tmp_path, layout):
 @pytest.mark.parametrize("resize", ["pad", "crop"])
 def test_non_square_images_keep_their_aspect_ratio(tmp_path, resize):
     from PIL import Image
-    data = Path(common.make_synthetic_category(tmp_path / "wide", size=64, n_train=8, n_test_good=3, n_test_bad=3))
+    data = Path(synth.make_synthetic_category(tmp_path / "wide", size=64, n_train=8, n_test_good=3, n_test_bad=3))
     for p in data.rglob("*.png"):  # 64 x 96: wider than high, masks alike
         im = Image.open(p)
         im.resize((96, 64), Image.NEAREST if "ground_truth" in str(p) else Image.BILINEAR).save(p)
@@ -452,6 +454,6 @@ def test_non_square_images_keep_their_aspect_ratio(tmp_path, resize):
     m = json.loads((out / "metrics.json").read_text())
     assert m["resize"] == resize and m["variants"]["rcae"]["p_auroc"] is not None
     # the maps are compared with the masks on the image's own 2:3 grid
-    split = common.load_split(str(data), "test", 64, 0, resize)
+    split = evaluate.load_test(str(data), 64, resize)
     gt, maps = evaluate.on_frames(split, 64, np.zeros((len(split), 64, 64), np.float32), np.arange(len(split)))
     assert gt.shape[1:] == maps.shape[1:] == (43, 64)

@@ -175,9 +175,10 @@ def test_augmentation_reproducible_and_changes_the_image():
     assert float(noise[0, 0]) == pytest.approx(0, abs=1e-6) and float(noise[16, 32]) == pytest.approx(0, abs=1e-6)
 
 
-def test_depth_flag_refused(toy_data, tmp_path):
-    with pytest.raises(SystemExit):  # FAIR has no recursion: argparse knows no --depth
-        fair.get_args(quick_args(toy_data, str(tmp_path), depth=3))
+@pytest.mark.parametrize("flag", [dict(depth=3), dict(depth=None, recipe="cpu")])
+def test_depth_and_recipe_flags_refused(toy_data, tmp_path, flag):
+    with pytest.raises(SystemExit):  # FAIR has no recursion and no RcAE recipe: argparse knows no --depth, --recipe
+        fair.get_args(quick_args(toy_data, str(tmp_path), **flag))
 
 
 def test_short_run_reloads_and_scores(toy_data, tmp_path):

@@ -6,6 +6,7 @@ Both notebooks share one temporary RCAE_WORKDIR, so the second finds the synthet
 """
 import json
 import math
+import re
 from pathlib import Path
 
 import nbformat
@@ -15,6 +16,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ["01_recursion_dynamics.ipynb", "02_per_category_results.ipynb"]
+FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*)")  # --max_steps, not the "--" of a markdown table
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,28 @@ def test_committed_without_outputs(name):
             assert cell.outputs == [] and cell.execution_count is None, f"{name}: strip the outputs before committing"
 
 
+def test_notebooks_name_only_flags_and_recipes_the_code_has(capsys):
+    """Every --flag the notebooks mention (commands in the markdown, calls in the code) is a flag of a stage,
+    evaluate.py or FAIR, and every --recipe is one of common.RECIPES: a renamed or removed one fails here."""
+    import common
+    import evaluate
+    import stage1_rcae
+    import stage2_dpn
+    import stage3_crd
+    from baselines import fair
+    known = set()
+    for cli in (stage1_rcae, stage2_dpn, stage3_crd, evaluate, fair):
+        with pytest.raises(SystemExit):
+            cli.get_args(["--help"])
+        known |= set(FLAG.findall(capsys.readouterr().out))
+    for name in NAMES:
+        text = "".join(c.source for c in nbformat.read(NOTEBOOKS / name, as_version=4).cells)
+        named = set(FLAG.findall(text))
+        assert {"data", "recipe"} <= named <= known, f"{name}: flags no command has: {sorted(named - known)}"
+        recipes = re.findall(r"--recipe\W+(\w+)", text)
+        assert recipes and set(recipes) <= set(common.RECIPES), f"{name}: recipes {recipes}, not {list(common.RECIPES)}"
+
+
 def test_recursion_dynamics_runs(workdir, monkeypatch):
     nb = execute(NAMES[0], workdir, monkeypatch)
     assert "training a small synthetic one" in text_of(nb)
@@ -58,16 +82,15 @@ def test_recursion_dynamics_runs(workdir, monkeypatch):
     assert any(o.output_type == "display_data" and "image/png" in o.data
                for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     # a value the notebook computed: the normal image's residual per depth, recomputed here from the same run
-    import re
-
     import torch
 
     import common
+    import evaluate
     import stage3_crd
     printed = re.search(r"\|I - I_R\^n\|: \[([^\]]*)\]", text_of(nb)).group(1)
     run = workdir / "runs" / "toy_quick"
     ck = common.load_checkpoint(run / "stage1_rcae.pt", "stage1_rcae")
-    test = common.load_split(ck["args"]["data"], "test", ck["model_config"]["image_size"])
+    test = evaluate.load_test(ck["args"]["data"], ck["model_config"]["image_size"], ck["args"]["resize"])
     x = common.to_float(test.images[[int(torch.nonzero(test.labels == 0)[0])]])  # the notebook's normal image
     with torch.inference_mode():
         recons = stage3_crd.load_detector(str(run))(x)["recons"]  # (1, N, 3, H, W)

@@ -8,6 +8,11 @@ from conftest import quick_args
 
 import common
 import stage1_rcae
+import stage2_dpn
+import stage3_crd
+import synth
+
+UPSTREAM = dict(image_size=None, depth=None)  # stages 2 and 3 inherit them from the stage-1 checkpoint
 
 
 def run(argv, main=stage1_rcae.main):
@@ -40,11 +45,14 @@ def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
 
 
 def test_checkpoint_every_few_minutes_of_wall_time(toy_data, tmp_path, monkeypatch):
+    """Besides every --save_every steps, common.train saves when common.SAVE_MINUTES have passed since the last save."""
     steps = saves_of(monkeypatch)
-    stage1_rcae.main(quick_args(toy_data, tmp_path / "a", max_steps=4, save_every=1000, save_every_min=1e-9))
+    with monkeypatch.context() as m:
+        m.setattr(common, "SAVE_MINUTES", 1e-9)
+        stage1_rcae.main(quick_args(toy_data, tmp_path / "a", max_steps=4, save_every=1000))
     assert steps == [1, 2, 3, 4]  # every step is "minutes" after the last save; the last one is the final save
     steps.clear()
-    stage1_rcae.main(quick_args(toy_data, tmp_path / "b", max_steps=4, save_every=1000, save_every_min=0))
+    stage1_rcae.main(quick_args(toy_data, tmp_path / "b", max_steps=4, save_every=1000))
     assert steps == [4]
 
 
@@ -67,7 +75,7 @@ def interrupt_at(monkeypatch, call, how):
 def test_ctrl_c_saves_the_last_finished_step(toy_data, tmp_path, monkeypatch, capsys):
     stage1_rcae.main(quick_args(toy_data, tmp_path / "straight", max_steps=2))
     interrupt_at(monkeypatch, 3, "raise")  # steps 1 and 2 finished, step 3 in flight
-    assert run(quick_args(toy_data, tmp_path / "cut", max_steps=5, save_every=1000, save_every_min=0)) == 130
+    assert run(quick_args(toy_data, tmp_path / "cut", max_steps=5, save_every=1000)) == 130
     err = capsys.readouterr().err
     assert "interrupted by SIGINT after step 2" in err and "holds step 2 of 5" in err and "resume" in err
     cut = torch.load(tmp_path / "cut" / "stage1_rcae.pt", weights_only=True)
@@ -80,14 +88,14 @@ def test_ctrl_c_saves_the_last_finished_step(toy_data, tmp_path, monkeypatch, ca
 def test_ctrl_c_before_the_first_step_says_nothing_was_saved(toy_data, tmp_path, monkeypatch, capsys):
     interrupt_at(monkeypatch, 1, "raise")
     assert run(quick_args(toy_data, tmp_path, max_steps=5)) == 130
-    assert "no checkpoint yet" in capsys.readouterr().err
+    assert "nothing of this run was saved" in capsys.readouterr().err
     assert not (tmp_path / "stage1_rcae.pt").exists()
 
 
 def test_sigterm_finishes_the_step_saves_it_and_exits_143(toy_data, tmp_path, monkeypatch, capsys):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     interrupt_at(monkeypatch, 2, "signal")  # SIGTERM arrives during step 2, which still finishes
-    assert run(quick_args(toy_data, tmp_path, max_steps=5, save_every=1000, save_every_min=0)) == 143
+    assert run(quick_args(toy_data, tmp_path, max_steps=5, save_every=1000)) == 143
     err = capsys.readouterr().err
     assert "interrupted by SIGTERM after step 2" in err and "holds step 2 of 5" in err
     assert torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["step"] == 2
@@ -103,12 +111,11 @@ def numeric_flags():
     import importlib
     scripts = {"stage1_rcae": ["--data", "x"], "stage2_dpn": ["--data", "x"], "stage3_crd": ["--data", "x"],
                "baselines.fair": ["--data", "x"], "evaluate": ["--data", "x"],
-               "benchmarks.compare": ["--data", "x"], "benchmarks.ablations": ["--study", None, "--data", "x"],
-               "benchmarks.speed": [], "benchmarks.optimisations": []}
+               "benchmarks.compare": ["--data", "x"], "benchmarks.ablations": ["--table", "2", "--data", "x"],
+               "benchmarks.speed": []}
     cases = []
     for name, argv in scripts.items():
         mod, parsers = importlib.import_module(name), []
-        argv = [a if a is not None else sorted(mod.STUDIES)[0] for a in argv]  # ablations: any study
         real = argparse.ArgumentParser.parse_args
         argparse.ArgumentParser.parse_args = lambda self, *a, **k: (parsers.append(self), real(self, *a, **k))[1]
         try:
@@ -117,8 +124,7 @@ def numeric_flags():
         finally:
             argparse.ArgumentParser.parse_args = real
         cases += [(name, argv, a.option_strings[0]) for a in parsers[0]._actions
-                  if a.type in (int, float) and a.help != argparse.SUPPRESS
-                  and a.option_strings[0] != "--table"]  # ablations: --table excludes --study (its own test)
+                  if a.type in (int, float) and a.help != argparse.SUPPRESS]
     return cases
 
 
@@ -151,31 +157,34 @@ def test_recursion_depth_must_be_in_1_to_n():
 # ----------------------------------------------------------------------------- bad checkpoints
 
 
-@pytest.mark.parametrize("content", ["empty", "random", "truncated"])
+@pytest.mark.parametrize("content", ["empty", "random", "truncated", "version 1"])
 def test_broken_checkpoint_is_one_line_naming_overwrite(toy_data, tmp_path, content, capsys):
+    """Also a checkpoint of format version 1 (before the flags were renamed): refused, no compatibility code."""
     path = tmp_path / "stage1_rcae.pt"
-    if content == "truncated":
+    if content in ("truncated", "version 1"):
         stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1))
+    if content == "truncated":
         path.write_bytes(path.read_bytes()[:2000])
+    elif content == "version 1":
+        torch.save({**torch.load(path, weights_only=True), "version": 1}, path)
     else:
         path.write_bytes(b"" if content == "empty" else os.urandom(4096))
-    for main in (stage1_rcae.main, __import__("stage2_dpn").main):  # its own stage, and the next one reading it
-        assert run(quick_args(toy_data, tmp_path, max_steps=1), main=main) == 2
+    for main, kw in ((stage1_rcae.main, {}), (stage2_dpn.main, UPSTREAM)):  # its own stage, the next one reading it
+        assert run(quick_args(toy_data, tmp_path, max_steps=1, **kw), main=main) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {path}") and err.count("\n") == 1, err
         assert "--overwrite" in err and "weights_only" not in err and "Traceback" not in err
-    assert "is empty" in err if content == "empty" else "not a checkpoint this code wrote" in err
+    assert {"empty": "is empty", "version 1": "has checkpoint format version 1, this code reads 2"}.get(
+        content, "not a checkpoint this code wrote") in err
 
 
 def test_one_image_category_does_not_blame_a_holdout_flag_never_passed(tmp_path, capsys):
-    import stage2_dpn
-    import stage3_crd
-    data = common.make_synthetic_category(tmp_path / "one", size=32, n_train=1, n_test_good=1, n_test_bad=1)
-    argv = quick_args(data, tmp_path / "run", image_size=32, depth=2, max_steps=1)
-    for main in (stage1_rcae.main, stage2_dpn.main, stage3_crd.main):
-        main(argv)
+    data = synth.make_synthetic_category(tmp_path / "one", size=32, n_train=1, n_test_good=1, n_test_bad=1)
+    stage1_rcae.main(quick_args(data, tmp_path / "run", image_size=32, depth=2, max_steps=1))
+    for main in (stage2_dpn.main, stage3_crd.main):
+        main(quick_args(data, tmp_path / "run", max_steps=1, **UPSTREAM))
     err = capsys.readouterr().err
-    assert "(--holdout 0)" not in err and "train/good too small to keep a --holdout 0.1" in err
+    assert "--holdout 0 " not in err and "no holdout images (train/good too small to keep a --holdout 0.1 of it)" in err
 
 
 # ----------------------------------------------------------------------------- --help
@@ -195,27 +204,16 @@ def test_help_prints_each_default_once(name, capsys):
     assert not re.search(r"\(default:[^)]*\)(?:(?! --).)*\(default:", text), text
     if name.startswith("stage"):
         epochs = {"stage1_rcae": 1500, "stage2_dpn": 400, "stage3_crd": 300}[name]
-        assert f"passes over train/good (default: {epochs}, as in the paper)" in text
-    if name in ("stage2_dpn", "stage3_crd"):
+        assert f"passes over the training images (default: {epochs}, as in the paper)" in text
+    if name in ("stage2_dpn", "stage3_crd"):  # no flag for what the stage-1 checkpoint sets
         for flag in common.INHERITED:
-            assert re.search(rf"--{flag} \S+ (?:(?! --).)*\(default: inherited from stage 1\)", text), flag
-        assert "1024" not in text.split("--image_size IMAGE_SIZE")[1].split("--")[0]
+            assert f"--{flag}" not in text, flag
+        assert "(default: 1024" not in text
     if name == "baselines.fair":
         assert "square input size (default: 256, as in the FAIR paper)" in text and "1024" not in text
 
 
-def test_workers_0_decodes_in_the_calling_thread(tmp_path, monkeypatch):
-    import threading
-    data = common.make_synthetic_category(tmp_path / "d", size=16, n_train=3, n_test_good=1, n_test_bad=1)
-    threads, real = set(), common._decode
-    monkeypatch.setattr(common, "_decode", lambda *a, **k: (threads.add(threading.current_thread()), real(*a, **k))[1])
-    common.load_split(data, "train", 16, 0)
-    assert threads == {threading.current_thread()}
-    common.load_split(data, "train", 16, 2)
-    assert len(threads) > 1  # workers > 0: a pool of decoding threads
-
-
 def test_ablations_table_out_of_range_is_one_line(capsys):
     from benchmarks import ablations
-    with pytest.raises(common.UserError, match="--table must be 2, 4 or 5"):
+    with pytest.raises(common.UserError, match="--table must be 2, 4, 5 or 6"):
         ablations.get_args(["--table", "3", "--data", "x"])

@@ -1,5 +1,6 @@
 """stage1_rcae.py: shapes, shared weights, gradients, Eq. (5), training, checkpoint, resume, NaN guard."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,29 @@ import common
 import stage1_rcae
 import stage2_dpn
 import stage3_crd
+import synth
 from stage1_rcae import Config, RcAE, recon_loss
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory):
+    """A second category like toy_data (other seed, other images): for the resume refusals."""
+    return synth.make_synthetic_category(tmp_path_factory.mktemp("other") / "toy", size=64, n_train=24,
+                                         n_test_good=6, n_test_bad=6, seed=5)
+
+
+def interrupt_at(monkeypatch, call):
+    """Ctrl-C in the middle of the `call`-th step of stage 1 (in its loss): common.train saves the step before it,
+    with the optimiser state, and raises common.Interrupted."""
+    real, calls = stage1_rcae.recon_loss, []
+
+    def loss(recon, target):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(recon, target)
+
+    monkeypatch.setattr(stage1_rcae, "recon_loss", loss)
 
 
 @pytest.mark.parametrize("size,depth", [(32, 1), (64, 3), (96, 5), (128, 5)])
@@ -59,40 +82,25 @@ def test_depth_one_uses_every_block():
 
 def test_make_batch_draws_the_depth_per_batch_and_keeps_the_clean_target():
     x = torch.rand(4, 3, 32, 32)
-    depths = [int(stage1_rcae.make_batch(x, torch.Generator().manual_seed(s), 0.0, 4)["n"]) for s in range(200)]
+    depths = [int(stage1_rcae.make_batch(x, torch.Generator().manual_seed(s), 4, anomaly_prob=0.0)["n"])
+              for s in range(200)]
     counts = [depths.count(n) for n in (1, 2, 3, 4)]
     assert min(counts) > 30, counts  # uniform over 1..N: 50 each expected
-    b = stage1_rcae.make_batch(x, torch.Generator().manual_seed(0), 1.0, 4)
+    b = stage1_rcae.make_batch(x, torch.Generator().manual_seed(0), 4, anomaly_prob=1.0)
     assert torch.equal(b["target"], x)  # denoising: the clean image is the target ...
     assert all(not torch.equal(b["input"][i], x[i]) for i in range(4))  # ... of an input with pseudo anomalies
-
-
-def test_depth_sampling_inverse_draws_the_shallow_depths_more_often(toy_data, tmp_path, monkeypatch):
-    """--depth_sampling inverse: one depth per batch with p(n) proportional to 1/n (N=4: 0.48, 0.24, 0.16,
-    0.12); main() passes it to make_batch, and a ConvAE refuses it."""
-    x = torch.rand(2, 3, 16, 16)
-    depths = [int(stage1_rcae.make_batch(x, torch.Generator().manual_seed(s), 0.0, 4, sampling="inverse")["n"])
-              for s in range(1000)]
-    counts = [depths.count(n) for n in (1, 2, 3, 4)]
-    assert 420 < counts[0] < 540 and 80 < counts[3] < 160 and counts == sorted(counts, reverse=True), counts
-    seen, real = set(), stage1_rcae.make_batch
-    monkeypatch.setattr(stage1_rcae, "make_batch", lambda *a, **k: seen.add(k["sampling"]) or real(*a, **k))
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2, depth_sampling="inverse"))
-    assert seen == {"inverse"}
-    with pytest.raises(common.UserError, match="--depth_sampling inverse needs --arch rcae"):
-        stage1_rcae.get_args(quick_args(toy_data, tmp_path, arch="convae", depth_sampling="inverse"))
 
 
 @pytest.mark.parametrize("share", [1, 0])
 def test_updown_init_pca_starts_at_the_best_linear_block_code(share, toy_data, tmp_path, monkeypatch):
     """--updown_init pca: up(down(x)) of the standardised image is its projection onto the top-C principal
-    components of the training images' 2x2 blocks, at every level; main() applies it after the input
-    standardisation, and the default leaves PyTorch's init."""
+    components of the training images' 2x2 blocks, at every level; main() applies it after fit_standardise,
+    and the default leaves PyTorch's init."""
     g = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(20, 3, 4, 4, generator=g), size=16, mode="bilinear")
     images = ((smooth + 0.2 * torch.rand(20, 3, 16, 16, generator=g)).clamp(0, 1) * 255).to(torch.uint8)
-    model = RcAE(Config(width=8, depth=3, input_norm=1, share=share))
-    model.fit_input_norm(images)
+    model = RcAE(Config(width=8, depth=3, standardise=1, share=share))
+    model.fit_standardise(images)
     model.init_updown_pca(images)
     x = (common.to_float(images) - model.in_mean) / model.in_std
     b = torch.nn.functional.unfold(x, 2, stride=2).transpose(1, 2).flatten(0, 1)  # (blocks, 12)
@@ -110,25 +118,7 @@ def test_updown_init_pca_starts_at_the_best_linear_block_code(share, toy_data, t
     stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1))
     assert seen == []
     stage1_rcae.main(quick_args(toy_data, tmp_path / "pca", max_steps=1, updown_init="pca"))
-    assert len(seen) == 1 and seen[0] != 1.0  # after fit_input_norm
-
-
-def test_depth_sampling_all_trains_every_depth_on_every_batch(toy_data, tmp_path, monkeypatch):
-    """--depth_sampling all: the step's loss is the mean of Eq. (5) over depths 1..N of the same batch, so
-    every depth gets a gradient every step; main() uses it, and a ConvAE refuses it."""
-    model = RcAE(Config(width=8, depth=3))
-    x = torch.rand(2, 3, 32, 32)
-    b = {"input": x + 0.05 * torch.rand_like(x), "target": x, "n": torch.tensor([3])}
-    loss, parts = stage1_rcae.loss_fn_all_depths(model, b)
-    each = [stage1_rcae.loss_fn(model, {**b, "n": torch.tensor([n])}) for n in (1, 2, 3)]
-    assert torch.allclose(loss, sum(t for t, _ in each) / 3, atol=1e-6)
-    assert torch.allclose(parts["l1"], sum(p["l1"] for _, p in each) / 3, atol=1e-6)
-    seen, real = [], stage1_rcae.loss_fn_all_depths
-    monkeypatch.setattr(stage1_rcae, "loss_fn_all_depths", lambda net, b: seen.append(1) or real(net, b))
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2, depth_sampling="all"))
-    assert len(seen) == 2
-    with pytest.raises(common.UserError, match="--depth_sampling all needs --arch rcae"):
-        stage1_rcae.get_args(quick_args(toy_data, tmp_path, arch="convae", depth_sampling="all"))
+    assert len(seen) == 1 and seen[0] != 1.0  # after fit_standardise
 
 
 def test_loss_eq5():
@@ -148,8 +138,8 @@ def test_two_step_run_writes_checkpoint_that_reloads(toy_data, tmp_path):
     stage1_rcae.main(quick_args(toy_data, out))
     model, ck = stage1_rcae.load_rcae(out / "stage1_rcae.pt")
     assert ck["stage"] == "stage1_rcae" and ck["step"] == 2
-    assert ck["model_config"] == {"channels": 3, "width": 32, "depth": 3, "image_size": 64, "norm": "none",
-                                  "input_norm": 1, "out_act": "none", "arch": "rcae", "share": 1, "skip": 1}
+    assert ck["model_config"] == {"channels": 3, "width": 32, "depth": 3, "image_size": 64, "standardise": 1,
+                                  "arch": "rcae", "share": 1, "skip": 1}
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     rebuilt = RcAE(Config(**ck["model_config"]))
     rebuilt.load_state_dict(ck["model"])
@@ -160,10 +150,13 @@ def test_two_step_run_writes_checkpoint_that_reloads(toy_data, tmp_path):
     assert "ratio_mean_3" in log[-1]["val"]  # the reconstruction report closes the log
 
 
-def test_resume_continues_from_saved_step(toy_data, tmp_path, capsys):
+def test_resume_continues_from_saved_step(toy_data, tmp_path, capsys, monkeypatch):
     straight, resumed = tmp_path / "a", tmp_path / "b"
     stage1_rcae.main(quick_args(toy_data, straight, max_steps=4))
-    stage1_rcae.main(quick_args(toy_data, resumed, max_steps=4, max_minutes=0))  # interrupted after step 1
+    interrupt_at(monkeypatch, 2)
+    with pytest.raises(common.Interrupted, match="holds step 1 of 4"):
+        stage1_rcae.main(quick_args(toy_data, resumed, max_steps=4))
+    monkeypatch.undo()
     assert torch.load(resumed / "stage1_rcae.pt", weights_only=True)["step"] == 1
     stage1_rcae.main(quick_args(toy_data, resumed, max_steps=4))
     assert "resuming from step 1 of 4" in capsys.readouterr().out
@@ -190,41 +183,46 @@ def test_other_settings_refused_without_overwrite(toy_data, tmp_path):
     assert torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["model_config"]["width"] == 8
 
 
-def test_resume_with_other_training_flags_refused(toy_data, tmp_path):
+def test_resume_with_other_training_flags_refused(toy_data, tmp_path, monkeypatch):
     """Not only the network: a run that would continue with other pseudo anomalies, lr or seed is refused, and
-    the checkpoint is left as it was; a longer run, another device or report interval continues."""
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2, max_minutes=0))  # interrupted after step 1
+    the checkpoint is left as it was; a longer run, another device or checkpoint interval continues."""
+    interrupt_at(monkeypatch, 2)
+    with pytest.raises(common.Interrupted, match="holds step 1 of 2"):
+        stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2))
+    monkeypatch.undo()
     path = tmp_path / "stage1_rcae.pt"
     before = path.read_bytes()
-    for flag in (dict(anomaly_colour="image"), dict(opacity="draem"), dict(lr=3e-4), dict(seed=1)):
+    for flag in (dict(anomaly_colour="image"), dict(anomaly_size="relative"), dict(anomaly_prob=1.0),
+                 dict(lr=3e-4), dict(seed=1), dict(ema=0.5)):
         name, value = next(iter(flag.items()))
         with pytest.raises(common.UserError, match=f"other settings .*{name}: .* vs {value}.*--overwrite"):
             stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2, **flag))
     assert path.read_bytes() == before
-    ck = torch.load(path, weights_only=True)
-    del ck["args"]["anomaly_colour"]  # as written before --anomaly_colour: it drew uniform colours (BEFORE_FLAG)
-    torch.save(ck, path)
-    with pytest.raises(common.UserError, match="other settings .*anomaly_colour: uniform vs image"):
-        stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, anomaly_colour="image"))
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, log_every=5, device="cpu"))
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3, save_every=7, device="cpu"))
     assert torch.load(path, weights_only=True)["step"] == 3
 
 
-def test_resume_on_other_images_refused(toy_data, tmp_path):
+def test_resume_on_other_images_refused(toy_data, other_data, tmp_path, monkeypatch):
     """--data may be spelt another way (a link, a relative path), but a run continued on other images is refused
-    and its checkpoint left as it was: train compares the training images' sha256, not the path."""
+    and its checkpoint left as it was, unfinished or finished: train compares the training images' sha256, not
+    the path. (Stages 2-3: test_stage23.py.)"""
     out, link = tmp_path / "run", tmp_path / "link"
-    stage1_rcae.main(quick_args(toy_data, out, max_steps=2, max_minutes=0))  # interrupted after step 1
+    interrupt_at(monkeypatch, 2)
+    with pytest.raises(common.Interrupted, match="holds step 1 of 2"):
+        stage1_rcae.main(quick_args(toy_data, out, max_steps=2))
+    monkeypatch.undo()
     path = out / "stage1_rcae.pt"
     before = path.read_bytes()
-    other = common.make_synthetic_category(tmp_path / "other", size=64, n_train=24, n_test_good=6, n_test_bad=6,
-                                           seed=5)
     with pytest.raises(common.UserError, match="trained on other images than --data .*--overwrite"):
-        stage1_rcae.main(quick_args(other, out, max_steps=2))
+        stage1_rcae.main(quick_args(other_data, out, max_steps=2))
     assert path.read_bytes() == before
     link.symlink_to(toy_data)
     stage1_rcae.main(quick_args(link, out, max_steps=2))
     assert torch.load(path, weights_only=True)["step"] == 2
+    finished = path.read_bytes()
+    with pytest.raises(common.UserError, match="trained on other images than --data .*--overwrite"):
+        stage1_rcae.main(quick_args(other_data, out, max_steps=2))  # not "already trained"
+    assert path.read_bytes() == finished
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_data, tmp_path, monkeypatch):
@@ -266,16 +264,8 @@ def test_visa_training(toy_visa, tmp_path):
     assert (tmp_path / "stage1_rcae.pt").is_file()
 
 
-def test_time_budget_stops_and_resumes(toy_data, tmp_path, capsys):
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=5, max_minutes=0))
-    assert "--max_minutes 0.0 reached at step 1 of 5" in capsys.readouterr().out
-    assert torch.load(tmp_path / "stage1_rcae.pt", weights_only=True)["step"] == 1
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=5))
-    assert "resuming from step 1 of 5" in capsys.readouterr().out
-
-
 def test_reconstruction_report_is_logged_on_the_holdout(toy_data, tmp_path):
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=4, val_every=2))
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=4, save_every=2))  # validates when it saves
     log = [json.loads(line) for line in open(tmp_path / "stage1_rcae.log.jsonl")]
     vals = [r for r in log if "val" in r]
     assert [r["step"] for r in vals] == [2, 4]
@@ -308,54 +298,51 @@ def test_reconstruction_report_references():
     assert perfect["l1_1"] == 0 and perfect["psnr_2"] >= 99
 
 
-def test_input_norm_makes_the_intensity_scale_irrelevant():
-    """With --input_norm 1 a copy of the data scaled by 0.25 is the same problem: the same weights give
+def test_standardise_makes_the_intensity_scale_irrelevant():
+    """With --standardise 1 a copy of the data scaled by 0.25 is the same problem: the same weights give
     exactly the scaled reconstruction, so training cannot tell a dark category from a bright one."""
-    images = (torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 200 + 20).to(torch.uint8)
-    dark = (images.float() * 0.25).round().to(torch.uint8)
+    images = torch.randint(5, 56, (6, 3, 32, 32), generator=torch.Generator().manual_seed(0)).to(torch.uint8) * 4
+    dark = images // 4  # the same images at a quarter of the intensity, exactly (20-220 -> 5-55)
     torch.manual_seed(0)
-    a = RcAE(Config(width=8, depth=2, input_norm=1))
-    b = RcAE(Config(width=8, depth=2, input_norm=1))
+    a = RcAE(Config(width=8, depth=2, standardise=1))
+    with torch.no_grad():  # weights whose output follows the input (PyTorch's init gives a near-constant output)
+        for p in a.parameters():
+            p.normal_(0, 0.2)
+    b = RcAE(Config(width=8, depth=2, standardise=1))
     b.load_state_dict(a.state_dict())
-    a.fit_input_norm(images)
-    b.fit_input_norm(dark)
-    assert torch.allclose(b.in_std, a.in_std * 0.25, rtol=0.02)
+    a.fit_standardise(images)
+    b.fit_standardise(dark)
+    assert torch.allclose(b.in_std, a.in_std * 0.25, rtol=1e-5)
     x = common.to_float(dark)
-    assert torch.allclose(b(x, 2), a(x / 0.25, 2) * 0.25, atol=1e-4)
-    plain = RcAE(Config(width=8, depth=2))
+    assert torch.allclose(b(x, 2), a(x / 0.25, 2) * 0.25, atol=1e-6)
+    plain = RcAE(Config(width=8, depth=2, standardise=0))
+    plain.fit_standardise(dark)  # a no-op without standardise
+    assert plain.in_std.eq(1).all() and plain.in_mean.eq(0).all()
     plain.load_state_dict({k: v for k, v in a.state_dict().items() if not k.startswith("in_")}, strict=False)
     assert not torch.allclose(plain(x, 2), plain(x / 0.25, 2) * 0.25, atol=1e-3)
 
 
-@pytest.mark.parametrize("norm,out_act", [("instance", "none"), ("none", "sigmoid")])
-def test_block_norm_and_output_activation(norm, out_act):
-    model = RcAE(Config(width=8, depth=2, norm=norm, out_act=out_act))
-    x = torch.rand(2, 3, 32, 32)
-    y = model(x, 2)
-    assert y.shape == x.shape
-    if out_act == "sigmoid":
-        assert 0 < y.min() and y.max() < 1
-    if norm == "instance":
-        assert sum(isinstance(m, torch.nn.InstanceNorm2d) for m in model.modules()) == 6
-    recon_loss(y, x)[0].backward()
-    assert all(p.grad is not None for p in model.parameters())
-
-
 def test_cpu_recipe_sets_defaults_and_explicit_flags_win(toy_data):
-    paper = stage1_rcae.get_args(["--data", toy_data])
-    assert (paper.image_size, paper.lr, paper.max_steps) == (1024, 1e-4, None)  # the paper's settings
+    assert sorted(common.RECIPES) == ["cpu", "paper"]
+    paper = stage1_rcae.get_args(["--data", toy_data])  # the paper's settings
+    assert (paper.image_size, paper.lr, paper.max_steps, paper.epochs) == (1024, 1e-4, None, 1500)
+    assert (paper.updown_init, paper.ema, paper.anomaly_colour) == ("default", 0.0, "uniform")
     cpu = stage1_rcae.get_args(["--data", toy_data, "--recipe", "cpu"])
     assert (cpu.image_size, cpu.lr, cpu.max_steps) == (128, 1e-3, 1758)
+    assert (cpu.updown_init, cpu.ema, cpu.anomaly_colour) == ("pca", 0.99, "image")
     mine = stage1_rcae.get_args(["--data", toy_data, "--recipe", "cpu", "--lr", "5e-4", "--image_size", "64"])
-    assert (mine.image_size, mine.lr, mine.max_steps) == (64, 5e-4, 1758)
-    crd = stage3_crd.get_args(["--data", toy_data, "--recipe", "cpu"])
-    assert crd.image_size is None and crd.max_steps == common.RECIPES["cpu"]["stage3_crd"]["max_steps"]  # inherited size
-    cpu2 = stage1_rcae.get_args(["--data", toy_data, "--recipe", "cpu2"])  # cpu's settings and four more
-    assert (cpu2.image_size, cpu2.lr, cpu2.max_steps) == (128, 1e-3, 1758)
-    assert (cpu2.updown_init, cpu2.ema, cpu2.anomaly_colour) == ("pca", 0.99, "image")
-    assert (cpu.updown_init, cpu.ema, cpu.anomaly_colour) == ("default", 0.0, "uniform")
-    crd2 = stage3_crd.get_args(["--data", toy_data, "--recipe", "cpu2", "--anomaly_colour", "uniform"])
-    assert (crd2.loss, crd2.crd_norm, crd2.anomaly_colour, crd2.max_steps) == ("focal", "position", "uniform", 258)
+    assert (mine.image_size, mine.lr, mine.max_steps, mine.ema) == (64, 5e-4, 1758, 0.99)
+    dpn = stage2_dpn.get_args(["--data", toy_data])
+    assert (dpn.lr, dpn.max_steps, dpn.epochs) == (1e-4, None, 400)
+    dpn = stage2_dpn.get_args(["--data", toy_data, "--recipe", "cpu"])
+    assert (dpn.lr, dpn.max_steps) == (1e-3, 263)
+    crd = stage3_crd.get_args(["--data", toy_data])  # Eq. (8) and (9) as written
+    assert (crd.crd_input, crd.residual_scale, crd.loss, crd.init_prior) == ("refined", "none", "l2", 0.0)
+    assert (crd.lr, crd.max_steps, crd.epochs, crd.anomaly_size) == (1e-4, None, 300, "scaled")
+    crd = stage3_crd.get_args(["--data", toy_data, "--recipe", "cpu", "--anomaly_colour", "uniform"])
+    assert not hasattr(crd, "image_size")  # inherited from the stage-1 checkpoint, not a flag
+    assert (crd.crd_input, crd.residual_scale, crd.loss, crd.init_prior) == ("residual", "position", "focal", 0.01)
+    assert (crd.lr, crd.max_steps, crd.anomaly_size, crd.anomaly_colour) == (1e-3, 258, "relative", "uniform")
     for recipe in common.RECIPES:  # every flag a recipe names is one of its stage's flags
         for module in (stage1_rcae, stage2_dpn, stage3_crd):
             module.get_args(["--data", toy_data, "--recipe", recipe])
@@ -448,9 +435,9 @@ def test_convae_single_pass_at_depth_n():
     with pytest.raises(ValueError, match="only its depth-3 output"):
         model(x, 1)
     gen = torch.Generator().manual_seed(0)
-    batches = [stage1_rcae.make_batch(x, gen, 0.5, 3, random_depth=False) for _ in range(8)]
+    batches = [stage1_rcae.make_batch(x, gen, 3, random_depth=False, anomaly_prob=0.5) for _ in range(8)]
     assert {int(b["n"]) for b in batches} == {3}
-    assert len({int(stage1_rcae.make_batch(x, gen, 0.5, 3)["n"]) for _ in range(30)}) == 3  # RcAE: 1..N
+    assert len({int(stage1_rcae.make_batch(x, gen, 3, anomaly_prob=0.5)["n"]) for _ in range(30)}) == 3  # RcAE: 1..N
 
 
 @pytest.mark.parametrize("flags", [dict(arch="convae", share=0, skip=0), dict(share=0), dict(skip=0)])
@@ -474,17 +461,65 @@ def test_variant_flags_train_and_describe_themselves(toy_data, tmp_path, monkeyp
         assert len(set(depths)) > 1
 
 
-def test_checkpoint_from_before_a_new_config_field_resumes(toy_data, tmp_path):
-    """A field added to Config later (its default = the old behaviour) must not make old runs 'other settings'."""
+def test_resume_refuses_another_model_config(toy_data, tmp_path):
+    """The checkpoint's model_config is compared as well as its flags: a network other than the one this run builds
+    is refused even where the flags agree."""
     stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1))
     path = tmp_path / "stage1_rcae.pt"
     ck = torch.load(path, weights_only=True)
-    del ck["model_config"]["skip"]  # as written before --skip existed
-    torch.save(ck, path)
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2))  # resumes instead of refusing
-    assert torch.load(path, weights_only=True)["step"] == 2
-    ck = torch.load(path, weights_only=True)
-    ck["model_config"]["skip"] = 0  # a real difference is still refused
+    ck["model_config"]["skip"] = 0  # args still say --skip 1
     torch.save(ck, path)
     with pytest.raises(common.UserError, match="other settings .*skip: 0 vs 1"):
-        stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=3))
+        stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2))
+
+
+# ----------------------------------------------------------------------------- --ema
+
+
+def test_ema_update_is_the_warmed_up_moving_average():
+    """stage1_rcae.EMA: decay_t = min(DECAY, (1 + t) / (10 + t)) after step t; buffers that are not floats are
+    copied; the average is a copy (the trained model is not touched)."""
+    model = torch.nn.BatchNorm2d(2)
+    ema = stage1_rcae.EMA(model, 0.9)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.num_batches_tracked.fill_(7)
+    ema.update(model, 1)  # decay min(0.9, 2/11)
+    w = ema.model.weight
+    assert torch.allclose(w, start["weight"] + (3.0 - start["weight"]) * (1 - 2 / 11), atol=1e-6)
+    assert int(ema.model.num_batches_tracked) == 7 and model.weight.detach().eq(3.0).all()
+    before = w.clone()
+    ema.update(model, 1000)  # decay 0.9
+    assert torch.allclose(ema.model.weight, before + (3.0 - before) * 0.1, atol=1e-6)
+
+
+def test_ema_saves_validates_and_resumes_the_average(toy_data, tmp_path, monkeypatch):
+    """--ema DECAY: main hands stage1_rcae.EMA to common.train; the finished checkpoint holds the moving average of
+    the weights, not the last step's, and the reconstruction report that closes the run was computed on it. An
+    interrupted run keeps the average beside the raw weights and continues it: the same result as straight."""
+    cks = {}
+    for name, ema in (("plain", None), ("avg", 0.5)):
+        stage1_rcae.main(quick_args(toy_data, tmp_path / name, max_steps=3, lr=1e-2, ema=ema))
+        cks[name] = torch.load(tmp_path / name / "stage1_rcae.pt", weights_only=True)
+    plain, avg = cks["plain"], cks["avg"]
+    assert plain["args"]["ema"] == 0.0 and avg["args"]["ema"] == 0.5 and "ema" not in avg
+    assert plain["model"].keys() == avg["model"].keys()
+    assert any(not torch.allclose(plain["model"][k], avg["model"][k], atol=1e-4) for k in plain["model"])
+    model, _ = stage1_rcae.load_rcae(tmp_path / "avg" / "stage1_rcae.pt")
+    holdout = common.train_images(SimpleNamespace(**avg["args"]), part="holdout")
+    rep = stage1_rcae.recon_report(model, holdout, avg["args"]["batch_size"])
+    assert avg["val"] == pytest.approx(rep, rel=1e-6, abs=2e-6)  # the saved weights are the ones validated
+    assert max(abs(plain["val"][f"l1_{n}"] - rep[f"l1_{n}"]) for n in (1, 2, 3)) > 2e-5  # (not the last step's)
+
+    interrupt_at(monkeypatch, 2)
+    with pytest.raises(common.Interrupted, match="holds step 1 of 3"):
+        stage1_rcae.main(quick_args(toy_data, tmp_path / "cut", max_steps=3, lr=1e-2, ema=0.5))
+    monkeypatch.undo()
+    part = torch.load(tmp_path / "cut" / "stage1_rcae.pt", weights_only=True)
+    assert part["step"] == 1 and "ema" in part and "optimizer" in part
+    stage1_rcae.main(quick_args(toy_data, tmp_path / "cut", max_steps=3, lr=1e-2, ema=0.5))
+    resumed = torch.load(tmp_path / "cut" / "stage1_rcae.pt", weights_only=True)
+    assert resumed["step"] == 3
+    for k in avg["model"]:
+        assert torch.allclose(resumed["model"][k], avg["model"][k], atol=1e-6), k

@@ -1,5 +1,6 @@
 """stage2_dpn.py and stage3_crd.py: shapes, Eq. (6)-(9), gradients, frozen upstream, the stage chain,
-inheritance and every refusal, --use_depths (Table 6), holdout calibration, load_detector."""
+inheritance from stage 1 and every refusal, --use_depths (Table 6), holdout calibration, load_detector."""
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -8,10 +9,13 @@ import torch
 from conftest import quick_args
 
 import common
+import evaluate
+import metrics
 import stage1_rcae
 import stage2_dpn
 import stage3_crd
-from common import UserError, grad
+import synth
+from common import UserError, image_gradient
 from stage1_rcae import RcAE
 from stage2_dpn import DPN, dpn_loss
 from stage3_crd import CRD, crd_input, crd_loss, parse_depths
@@ -19,6 +23,18 @@ from stage3_crd import CRD, crd_input, crd_loss, parse_depths
 
 def rcae(depth=3, width=8):
     return RcAE(stage1_rcae.Config(width=width, depth=depth))
+
+
+def frozen(model):
+    """As common.build_from_checkpoint hands an upstream stage on."""
+    return model.eval().requires_grad_(False)
+
+
+def refused_flag(module, argv, flag, capsys):
+    """argparse refuses the flag: exit code 2, and stderr names it."""
+    with pytest.raises(SystemExit) as e:
+        module.get_args(argv)
+    assert e.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
 
 
 def spy(mp, module, name):
@@ -100,7 +116,8 @@ def test_dpn_loss_eq7():
     _, parts = dpn_loss(same + 0.1, image)  # a constant shift: intensity error only
     assert abs(parts["l1"] - 0.1) < 1e-6 and parts["l1_grad"] < 1e-6
     refined = torch.rand(2, 4, 3, 16, 16)
-    want = sum((refined[:, n] - image).abs().mean() + (grad(refined[:, n]) - grad(image)).abs().mean()
+    want = sum((refined[:, n] - image).abs().mean()
+               + (image_gradient(refined[:, n]) - image_gradient(image)).abs().mean()
                for n in range(4)) / 4  # the mean over depths of Eq. (7)
     assert torch.allclose(dpn_loss(refined, image)[0], want, atol=1e-6)
 
@@ -121,26 +138,14 @@ def test_dpn_gradients_reach_every_parameter_and_never_the_rcae():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_dpn_anomaly_prob_feeds_pseudo_anomalies_and_keeps_the_clean_target(toy_data, tmp_path, monkeypatch):
-    """--anomaly_prob in stage 2: RcAE and I' see the pseudo anomalies, the loss compares with the clean image;
-    the default (the paper) draws none; main() passes the flag to make_batch."""
+def test_dpn_trains_on_clean_images_only(toy_data, capsys):
+    """Stage 2 sees clean normal images only (paper): its batch is the image as it is, and it has no pseudo-anomaly
+    flags (stage 1's denoising input and stage 3's pseudo anomalies are theirs alone)."""
     x = torch.rand(4, 3, 32, 32)
-    assert set(stage2_dpn.make_batch(x, torch.Generator().manual_seed(0))) == {"image"}
-    b = stage2_dpn.make_batch(x, torch.Generator().manual_seed(0), anomaly_prob=1.0)
-    assert torch.equal(b["target"], x) and not torch.equal(b["image"], x)
-    dpn, up, seen = DPN(stage2_dpn.Config(depth=3, width=8)), rcae(), {}
-    real = up.reconstruct_all
-    up.reconstruct_all = lambda im: seen.setdefault("rcae", im) is None or real(im)
-    monkeypatch.setattr(stage2_dpn, "dpn_loss", lambda refined, target: seen.setdefault("target", target) is None
-                        or (refined.sum(), {}))
-    stage2_dpn.loss_fn(dpn, b, rcae=up)
-    assert torch.equal(seen["rcae"], b["image"]) and torch.equal(seen["target"], x)
-    monkeypatch.undo()
-    probs, real_mb = [], stage2_dpn.make_batch
-    monkeypatch.setattr(stage2_dpn, "make_batch", lambda *a, **k: probs.append(k["anomaly_prob"]) or real_mb(*a, **k))
-    stage1_rcae.main(quick_args(toy_data, tmp_path, width=8, max_steps=1))
-    stage2_dpn.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, width=8, anomaly_prob=0.5))
-    assert probs and set(probs) == {0.5}
+    b = stage2_dpn.make_batch(x, torch.Generator().manual_seed(0))
+    assert set(b) == {"image"} and torch.equal(b["image"], x)
+    for flag, value in (("--anomaly_prob", "0.5"), ("--anomaly_size", "relative"), ("--anomaly_colour", "image")):
+        refused_flag(stage2_dpn, ["--data", toy_data, flag, value], flag, capsys)
 
 
 # ----------------------------------------------------------------------------- stage 3: CRD
@@ -167,37 +172,24 @@ def test_crd_map_follows_the_image():
     assert changed[10:14, 10:14].all() and not changed[48:].any() and not changed[:, 48:].any()
 
 
-def test_crd_replicate_padding_hides_the_border():
-    """On a constant input a zero-padded CRD maps the border unlike the inside (it can learn where the border is);
-    with --crd_padding replicate the map is constant: no pixel tells it where it is."""
-    x = torch.full((1, 6, 3, 32, 32), 0.7)
-    spread = {}
-    for padding in stage3_crd.PADDINGS:
-        torch.manual_seed(0)
-        crd = CRD(stage3_crd.Config(depth=3, width=4, padding=padding))
-        with torch.no_grad():
-            m = crd.logits(x)[0, 0]  # (H, W)
-        spread[padding] = float(m.max() - m.min())
-    assert spread["zeros"] > 1e-3 and spread["replicate"] < 1e-5, spread
-
-
-def test_crd_position_norm_divides_the_residual_channels():
-    """--crd_norm position: with a scale of 1 CRD is the plain one; with a scale of 2 it sees the residual
+def test_crd_residual_scale_position_divides_the_residual_channels():
+    """--residual_scale position: with a scale of 1 CRD is the plain one; with a scale of 2 it sees the residual
     channels halved and the image channels unchanged."""
     torch.manual_seed(0)
-    plain = CRD(stage3_crd.Config(depth=2, width=4, image_size=16, crd_input="both"))
+    plain = CRD(stage3_crd.Config(depth=2, width=4, image_size=16, crd_input="residual"))
     torch.manual_seed(0)
-    normed = CRD(stage3_crd.Config(depth=2, width=4, image_size=16, crd_input="both", norm="position"))
-    x = torch.randn(1, 9, 2, 16, 16)
+    normed = CRD(stage3_crd.Config(depth=2, width=4, image_size=16, crd_input="residual", residual_scale="position"))
+    assert "position_scale" not in plain.state_dict() and normed.position_scale.shape == (1, 1, 2, 16, 16)
+    x = torch.randn(1, 6, 2, 16, 16)
     with torch.no_grad():
         assert torch.allclose(normed.logits(x), plain.logits(x), atol=1e-6)
-        normed.residual_scale.fill_(2.0)
-        halved = torch.cat([x[:, :6] / 2, x[:, 6:]], 1)
+        normed.position_scale.fill_(2.0)
+        halved = torch.cat([x[:, :3] / 2, x[:, 3:]], 1)
         assert torch.allclose(normed.logits(x), plain.logits(halved), atol=1e-6)
         assert not torch.allclose(normed.logits(x), plain.logits(x / 2), atol=1e-4)  # the image is not scaled
 
 
-def test_residual_scale_is_the_normal_residual_relative_to_its_image_mean():
+def test_position_scale_is_the_normal_residual_relative_to_its_image_mean():
     """A chain whose residual is twice as large in the left half: scale 4/3 there, 2/3 on the right, per depth."""
     class Frozen:  # reconstruct_all / refine: the residual I - I_D^n is 1 on the left half, 0.5 on the right
         depth = 2
@@ -210,35 +202,36 @@ def test_residual_scale_is_the_normal_residual_relative_to_its_image_mean():
         def refine(self, recons, x):
             return recons
     images = torch.zeros(3, 3, 16, 16, dtype=torch.uint8)
-    s = stage3_crd.residual_scale(Frozen(), Frozen(), images, [1, 2], "residual", batch_size=2)
+    s = stage3_crd.position_scale(Frozen(), Frozen(), images, [1, 2], batch_size=2)
     assert s.shape == (1, 1, 2, 16, 16)
     assert torch.allclose(s[..., :8], torch.full_like(s[..., :8], 4 / 3))
     assert torch.allclose(s[..., 8:], torch.full_like(s[..., 8:], 2 / 3))
 
 
-def test_crd_position_norm_end_to_end(toy_data, tmp_path, monkeypatch):
-    """Stage 3 with --crd_norm position measures the scale on the training images before step 1, saves it with
-    the weights and the detector reads it back; a resumed run keeps the saved scale without measuring it again;
-    with the paper's image input it is a one-line error."""
+def test_crd_residual_scale_position_end_to_end(toy_data, tmp_path, monkeypatch):
+    """Stage 3 with --residual_scale position measures the scale on the training images before step 1, saves it
+    with the weights and the detector reads it back; a resumed run keeps the saved scale without measuring it
+    again; with the paper's refined input it is a one-line error."""
     stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=2))
     stage2_dpn.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, max_steps=2))
-    with pytest.raises(UserError, match="needs --crd_input residual or both"):
+    with pytest.raises(UserError, match="needs --crd_input residual"):
         stage3_crd.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, width=4, max_steps=2,
-                                   crd_norm="position", crd_input="image"))
+                                   residual_scale="position"))  # --crd_input refined, the default
     stage3_crd.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, width=4, max_steps=2,
-                               crd_norm="position", crd_input="residual"))
+                               residual_scale="position", crd_input="residual"))
     crd, _ = stage3_crd.load_crd(str(tmp_path / "stage3_crd.pt"))
-    s = crd.residual_scale  # (1, 1, NR, H, W): 1 on average over each depth's image, not 1 everywhere
+    s = crd.position_scale  # (1, 1, NR, H, W): 1 on average over each depth's image, not 1 everywhere
     assert s.shape == (1, 1, 3, 64, 64) and torch.allclose(s.mean((-2, -1)), torch.ones(1, 1, 3), atol=0.05)
     assert float(s.std()) > 0.01
-    assert stage3_crd.load_detector(str(tmp_path)).crd.residual_scale.equal(s)
+    assert stage3_crd.load_detector(str(tmp_path)).crd.position_scale.equal(s)
+
     def measured_again(*a, **k):
         raise AssertionError("a resumed run measured the scale again")
-    monkeypatch.setattr(stage3_crd, "residual_scale", measured_again)
+    monkeypatch.setattr(stage3_crd, "position_scale", measured_again)
     stage3_crd.main(quick_args(toy_data, tmp_path, image_size=None, depth=None, width=4, max_steps=4,
-                               crd_norm="position", crd_input="residual"))
+                               residual_scale="position", crd_input="residual"))
     crd, ck = stage3_crd.load_crd(str(tmp_path / "stage3_crd.pt"))
-    assert ck["step"] == 4 and crd.residual_scale.equal(s)
+    assert ck["step"] == 4 and crd.position_scale.equal(s)
 
 
 def test_crd_config_default_uses_every_depth():
@@ -270,32 +263,21 @@ def test_crd_loss_is_squared_eq9():
 
 
 def test_crd_loss_kinds_keep_a_gradient_where_l2_saturates():
-    """A missed anomalous pixel at logit -10: L2 through the sigmoid gives it almost no gradient, BCE and focal do."""
+    """A missed anomalous pixel at logit -10: L2 through the sigmoid gives it almost no gradient, focal does."""
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 3:5, 3:5] = 1
     grads = {}
-    for kind in ("l2", "bce", "focal"):
+    for kind in ("l2", "focal"):
         logits = torch.full_like(mask, -10.0, requires_grad=True)
         crd_loss(logits, mask, kind)[0].backward()
         grads[kind] = logits.grad[mask > 0].abs().mean().item()
-    assert grads["l2"] < 1e-5 and grads["bce"] > 1e-3 and grads["focal"] > 1e-3
+    assert grads["l2"] < 1e-5 and grads["focal"] > 1e-3
 
 
 def test_crd_residual_input():
     refined, image = torch.rand(2, 3, 3, 8, 8), torch.rand(2, 3, 8, 8)
     x = crd_input(refined, image, [1, 3], "residual")  # (B, 2C, NR, H, W)
     assert torch.equal(x[:, :3, 1], image - refined[:, 2]) and torch.equal(x[:, 3:, 0], image)
-
-
-def test_crd_input_both_residuals():
-    """--crd_input both: each depth's residual before DPN, after DPN, then I; CRD takes its 3C channels."""
-    recons, refined, image = torch.rand(2, 3, 3, 8, 8), torch.rand(2, 3, 3, 8, 8), torch.rand(2, 3, 8, 8)
-    x = crd_input(refined, image, [1, 3], "both", recons)  # (B, 3C, NR, H, W)
-    assert x.shape == (2, 9, 2, 8, 8)
-    assert torch.equal(x[:, :3, 1], image - recons[:, 2]) and torch.equal(x[:, 3:6, 1], image - refined[:, 2])
-    assert torch.equal(x[:, 6:, 0], image)
-    crd = CRD(stage3_crd.Config(depth=3, width=4, use_depths=[1, 3], crd_input="both"))
-    assert crd(x).shape == (2, 1, 8, 8)
 
 
 def test_crd_learns_to_find_fresh_pseudo_anomalies(toy_data, tmp_path, monkeypatch):
@@ -312,7 +294,7 @@ def test_crd_learns_to_find_fresh_pseudo_anomalies(toy_data, tmp_path, monkeypat
         else:
             monkeypatch.setattr(stage3_crd, "crd_loss", real)
         out = tmp_path / f"broken{broken}"
-        stage3_crd.main(quick_args(toy_data, out, max_steps=250, lr=1e-3, width=8, batch_size=8, val_every=0,
+        stage3_crd.main(quick_args(toy_data, out, max_steps=250, lr=1e-3, width=8, batch_size=8, crd_input="residual",
                                    anomaly_prob=1.0, loss="focal", anomaly_size="relative", init_prior=0.01,
                                    rcae=tmp_path / "stage1_rcae.pt", dpn=tmp_path / "stage2_dpn.pt", **kw))
         val[broken] = torch.load(out / "stage3_crd.pt", weights_only=True)["val"]
@@ -323,9 +305,8 @@ def test_crd_learns_to_find_fresh_pseudo_anomalies(toy_data, tmp_path, monkeypat
 def test_validation_reports_the_residual_bar_beside_crd():
     """Stage 3's validation scores the rcae+dpn residual |I - I_D^N| on the same pseudo anomalies, so a log
     shows whether CRD beats the map it is meant to improve on."""
-    import evaluate
     torch.manual_seed(0)
-    up, dpn = common.freeze(rcae()), common.freeze(DPN(stage2_dpn.Config(depth=3, width=8)))
+    up, dpn = frozen(rcae()), frozen(DPN(stage2_dpn.Config(depth=3, width=8)))
     torch.nn.init.normal_(dpn.ae.dec1.weight, std=0.1)
     crd = CRD(stage3_crd.Config(depth=3, width=4)).eval()
     images, masks = torch.rand(4, 3, 32, 32), (torch.rand(4, 1, 32, 32) > 0.9).float()
@@ -333,8 +314,8 @@ def test_validation_reports_the_residual_bar_beside_crd():
     with torch.no_grad():
         res = (images - dpn.refine(up.reconstruct_all(images), images)[:, -1]).abs().mean(1)  # (M, H, W)
         crd_map = crd(crd_input(dpn.refine(up.reconstruct_all(images), images), images, [1, 2, 3]))[:, 0]
-    assert val["residual_p_auroc"] == pytest.approx(evaluate.pixel_auroc(masks[:, 0].numpy(), res.numpy()), abs=1e-6)
-    assert val["p_auroc"] == pytest.approx(evaluate.pixel_auroc(masks[:, 0].numpy(), crd_map.numpy()), abs=1e-6)
+    assert val["residual_p_auroc"] == pytest.approx(metrics.pixel_auroc(masks[:, 0].numpy(), res.numpy()), abs=1e-6)
+    assert val["p_auroc"] == pytest.approx(metrics.pixel_auroc(masks[:, 0].numpy(), crd_map.numpy()), abs=1e-6)
     assert val["residual_p_auroc"] != val["p_auroc"]
 
 
@@ -343,7 +324,7 @@ def test_detector_runs_crd_in_the_precision_it_was_trained_in(monkeypatch):
     uses must feed it the same. Autocast on the CPU takes the same code path as on CUDA."""
     monkeypatch.setattr(common, "AMP_DEVICE_TYPES", ("cuda", "cpu"))
     torch.manual_seed(0)
-    up, dpn, crd = common.freeze(rcae()), common.freeze(DPN(stage2_dpn.Config(depth=3, width=8))), CRD(
+    up, dpn, crd = frozen(rcae()), frozen(DPN(stage2_dpn.Config(depth=3, width=8))), CRD(
         stage3_crd.Config(depth=3, width=4)).eval()
     torch.nn.init.normal_(dpn.ae.dec1.weight, std=0.1)  # a DPN that does something
     x = torch.rand(2, 3, 32, 32)
@@ -428,29 +409,18 @@ def chain(toy_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def other_data(tmp_path_factory):
+    """A second category like toy_data (other seed, other images): for the resume refusals."""
+    return synth.make_synthetic_category(tmp_path_factory.mktemp("otherdata") / "toy", size=64, n_train=24,
+                                         n_test_good=6, n_test_bad=6, seed=5)
+
+
+@pytest.fixture(scope="module")
 def other_rcae(toy_data, tmp_path_factory):
     """A second stage-1 checkpoint (other seed, other weights) for the mismatch refusals."""
     out = tmp_path_factory.mktemp("other")
     stage1_rcae.main(quick_args(toy_data, out, width=8, seed=1))
     return out / "stage1_rcae.pt"
-
-
-def test_crd_with_ema_saves_and_calibrates_the_average(chain, tmp_path):
-    """--ema in stage 3: the checkpoint (rewritten with the calibration) holds the averaged weights, not the
-    last step's, and its threshold was calibrated on them."""
-    cks = {}
-    for ema in ("0", "0.5"):
-        out = tmp_path / ema
-        stage3_crd.main(quick_args(chain.data, out, image_size=None, depth=None, width=4, max_steps=3, ema=ema,
-                                   rcae=chain.out / "stage1_rcae.pt", dpn=chain.out / "stage2_dpn.pt"))
-        cks[ema] = torch.load(out / "stage3_crd.pt", weights_only=True)
-    plain, avg = cks["0"], cks["0.5"]
-    assert plain["model"].keys() == avg["model"].keys() and avg["args"]["ema"] == 0.5
-    assert any(not torch.equal(plain["model"][k], avg["model"][k]) for k in plain["model"])
-    det = stage3_crd.load_detector(tmp_path / "0.5", rcae=chain.out / "stage1_rcae.pt", dpn=chain.out / "stage2_dpn.pt")
-    holdout = common.train_images(SimpleNamespace(**avg["args"]), part="holdout")
-    again = stage3_crd.calibrate(det, holdout, SimpleNamespace(**avg["args"]))  # on the saved (averaged) weights
-    assert again["image_threshold"] == pytest.approx(avg["calibration"]["image_threshold"], abs=1e-6)
 
 
 def test_chain_upstream_frozen_and_bitwise_unchanged(chain):
@@ -475,12 +445,12 @@ def test_chain_crd_checkpoint_and_detector(chain):
     crd, ck = stage3_crd.load_crd(chain.out / "stage3_crd.pt")
     assert ck["stage"] == "stage3_crd" and ck["step"] == 2
     assert ck["model_config"] == {"channels": 3, "depth": 3, "image_size": 64, "width": 4, "use_depths": [1, 2, 3],
-                                  "crd_input": "residual", "padding": "zeros", "norm": "none"}  # the defaults
+                                  "crd_input": "refined", "residual_scale": "none"}  # the defaults: Eq. (8)
     # what common.train saved survives the calibration rewrite
     assert ck["total_steps"] == 2 and set(ck["upstream"]) == {"rcae", "rcae_sha", "dpn", "dpn_sha"}
     det = stage3_crd.load_detector(chain.out)
     assert not any(p.requires_grad for p in det.parameters())
-    x = common.to_float(common.load_split(chain.data, "test", 64, 0).images[:3])
+    x = common.to_float(evaluate.load_test(chain.data, 64).images[:3])
     out = det.predict(x)
     assert out["recons"].shape == out["refined"].shape == (3, 3, 3, 64, 64)
     assert out["map"].shape == (3, 1, 64, 64) and 0 <= out["map"].min() and out["map"].max() <= 1
@@ -492,7 +462,8 @@ def test_chain_calibration_is_on_the_holdout(chain):
     _, ck = stage3_crd.load_crd(chain.out / "stage3_crd.pt")
     cal = ck["calibration"]
     assert cal["topk_frac"] == 0.01 and cal["quantile"] == 0.99
-    holdout = common.train_images(SimpleNamespace(data=chain.data, image_size=64, workers=0, holdout=0.1), "holdout")
+    holdout = common.train_images(SimpleNamespace(data=chain.data, image_size=64, resize="squash", holdout=0.1),
+                                  "holdout")
     assert len(cal["holdout_scores"]) == len(holdout) > 0
     det = stage3_crd.load_detector(chain.out)
     scores = det.predict(common.to_float(holdout))["score"]
@@ -539,18 +510,25 @@ def test_wrong_stage_checkpoint_is_refused(chain, tmp_path):
                                    rcae=chain.out / "stage1_rcae.pt", dpn=chain.out / "stage3_crd.pt"))
 
 
-@pytest.mark.parametrize("flag", [{"depth": 2}, {"image_size": 32}, {"holdout": 0.2}])
-def test_explicit_conflicting_flag_is_refused(chain, tmp_path, flag):
-    kw = {"image_size": None, "depth": None, **flag}
+@pytest.mark.parametrize("flag", [{"image_size": 32}, {"depth": 2}, {"holdout": 0.2}, {"resize": "pad"},
+                                  {"train_fraction": 0.5}, {"ema": 0.5}])
+def test_stage1_only_flags_are_not_flags_of_stages_2_3(toy_data, tmp_path, flag, capsys):
+    """Image size, depth, holdout, resize and train fraction come from the stage-1 checkpoint only (no flag could
+    disagree with it), and --ema is stage 1's."""
     name = next(iter(flag))
-    for module, extra in ((stage2_dpn, {}), (stage3_crd, {"dpn": chain.out / "stage2_dpn.pt"})):
-        with pytest.raises(UserError, match=f"--{name} .* conflicts with"):
-            module.main(quick_args(chain.data, tmp_path, rcae=chain.out / "stage1_rcae.pt", **extra, **kw))
-    # the same value as upstream is no conflict
-    same = {"depth": 3, "image_size": 64, "holdout": 0.1}[name]
-    args = stage2_dpn.get_args(quick_args(chain.data, tmp_path, rcae=chain.out / "stage1_rcae.pt", **{**kw, name: same}))
+    for module in (stage2_dpn, stage3_crd):
+        refused_flag(module, quick_args(toy_data, tmp_path, **{"image_size": None, "depth": None, **flag}),
+                     f"--{name}", capsys)
+
+
+def test_upstream_rcae_takes_the_inherited_settings_from_the_checkpoint(chain, tmp_path):
+    args = stage2_dpn.get_args(quick_args(chain.data, tmp_path, image_size=None, depth=None,
+                                          rcae=chain.out / "stage1_rcae.pt"))
+    assert not any(hasattr(args, k) for k in common.INHERITED)
     stage2_dpn.upstream_rcae(args)
-    assert (args.depth, args.image_size, args.holdout) == (3, 64, 0.1)
+    rcae_args = torch.load(chain.out / "stage1_rcae.pt", weights_only=True)["args"]
+    assert {k: getattr(args, k) for k in common.INHERITED} == {k: rcae_args[k] for k in common.INHERITED}
+    assert (args.image_size, args.depth, args.holdout, args.resize, args.train_fraction) == (64, 3, 0.1, "squash", 1.0)
 
 
 def test_dpn_from_another_rcae_is_refused(chain, other_rcae, tmp_path):
@@ -562,53 +540,82 @@ def test_dpn_from_another_rcae_is_refused(chain, other_rcae, tmp_path):
 
 
 def test_retrained_upstream_is_not_resumed(chain, other_rcae, tmp_path):
+    """A run continued on other upstream weights is refused, its checkpoint left as it was: stage 2 after stage 1
+    was retrained, stage 3 after stage 2 was (on the same RcAE, so the chain itself is consistent)."""
     out = tmp_path / "copy"
     shutil.copytree(chain.out, out)
     shutil.copy(other_rcae, out / "stage1_rcae.pt")  # stage 1 was retrained since stage 2 ran
-    with pytest.raises(UserError, match="other upstream weights.*--overwrite"):
-        stage2_dpn.main(quick_args(chain.data, out, image_size=None, depth=None, max_steps=4))
+    before = (out / "stage2_dpn.pt").read_bytes()
+    with pytest.raises(UserError, match=r"other upstream weights \(rcae_sha differ.*--overwrite"):
+        stage2_dpn.main(quick_args(chain.data, out, image_size=None, depth=None, width=8, max_steps=4))
+    assert (out / "stage2_dpn.pt").read_bytes() == before
+    shutil.copy(chain.out / "stage1_rcae.pt", out / "stage1_rcae.pt")
+    stage2_dpn.main(quick_args(chain.data, out, image_size=None, depth=None, width=8, seed=1, overwrite=True))
+    before = (out / "stage3_crd.pt").read_bytes()
+    with pytest.raises(UserError, match=r"other upstream weights \(dpn_sha differ.*--overwrite"):
+        stage3_crd.main(quick_args(chain.data, out, image_size=None, depth=None, width=4, max_steps=4))
+    assert (out / "stage3_crd.pt").read_bytes() == before
 
 
-def test_train_fraction_is_inherited_from_stage1(toy_data, tmp_path):
-    """Stages 2 and 3 train on stage 1's subset of train/good (Table 5), and refuse another one."""
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=32, train_fraction=0.25))
-    stage2_dpn.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None))
-    ck = torch.load(tmp_path / "stage2_dpn.pt", weights_only=True)
-    assert ck["args"]["train_fraction"] == 0.25
-    with pytest.raises(UserError, match="--train_fraction 1.0 conflicts with the stage-1 checkpoint"):
-        stage3_crd.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None, train_fraction=1.0))
+def test_stages_2_3_refuse_to_resume_on_other_images(chain, other_data, tmp_path):
+    """As stage 1 (test_stage1.py): a finished stage 2 or 3 asked to go on with --data that gives other training
+    images is refused, not reported "already trained", and its checkpoint is left as it was."""
+    out = tmp_path / "copy"
+    shutil.copytree(chain.out, out)
+    for module, width in ((stage2_dpn, 8), (stage3_crd, 4)):
+        path = out / f"{module.STAGE}.pt"
+        before = path.read_bytes()
+        with pytest.raises(UserError, match="trained on other images than --data .*--overwrite"):
+            module.main(quick_args(other_data, out, image_size=None, depth=None, width=width))
+        assert path.read_bytes() == before
+
+
+def test_stages_2_3_inherit_the_data_settings_of_stage1(toy_data, tmp_path):
+    """Stages 2 and 3 train on stage 1's very images (its size, resize, holdout and subset of train/good, Table 5)
+    and at its depth, and calibrate on its holdout."""
+    inherited = dict(image_size=32, depth=2, holdout=0.25, resize="pad", train_fraction=0.5)
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1, width=8, **inherited))
+    stage2_dpn.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None, width=8))
+    stage3_crd.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None, width=4))
+    cks = [torch.load(tmp_path / f"{s}.pt", weights_only=True) for s in ("stage1_rcae", "stage2_dpn", "stage3_crd")]
+    for ck in cks:
+        assert {k: ck["args"][k] for k in common.INHERITED} == inherited, ck["stage"]
+        assert (ck["model_config"]["image_size"], ck["model_config"]["depth"]) == (32, 2), ck["stage"]
+        assert ck["data_sha"] == cks[0]["data_sha"], ck["stage"]  # the same training images
+    assert len(cks[2]["calibration"]["holdout_scores"]) == round(24 * 0.25)
 
 
 def test_convae_checkpoint_runs_through_stages_2_3_and_evaluate(toy_data, tmp_path):
     """A single-pass ConvAE (--arch convae --share 0 --skip 0) describes itself: stages 2-3 and evaluate.py
     rebuild it from the checkpoint and run unchanged, its one output standing for every depth."""
-    import evaluate
     stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=32, arch="convae", share=0, skip=0))
     stage2_dpn.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None))
     stage3_crd.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None))
     detector = stage3_crd.load_detector(tmp_path)
     assert detector.rcae.cfg.arch == "convae" and len(detector.rcae.E) == 3
     evaluate.main(["--data", toy_data, "--out", str(tmp_path), "--device", "cpu", "--n_figures", "1"])
-    metrics = __import__("json").loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics["variants"]) == {"rcae", "rcae+dpn", "crd"}
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(result["variants"]) == {"rcae", "rcae+dpn", "crd"}
 
 
-def test_opacity_flag_reaches_the_pseudo_anomalies_of_stages_1_and_3(toy_data, tmp_path, monkeypatch):
-    """--opacity draem is what stage 1's batches, stage 3's batches and stage 3's validation set are drawn with."""
+def test_anomaly_flags_reach_the_pseudo_anomalies_of_stages_1_and_3(toy_data, tmp_path, monkeypatch):
+    """--anomaly_size and --anomaly_colour are what stage 1's batches, stage 3's batches and stage 3's validation
+    set are drawn with; stage 2 draws none."""
     seen, real = [], common.pseudo_anomaly
 
-    def record(*a, **k):
-        seen.append(k.get("opacity", "strong"))
-        return real(*a, **k)
+    def record(img, gen, size_mode="scaled", colours="uniform", **k):
+        seen.append((size_mode, colours))
+        return real(img, gen, size_mode, colours, **k)
 
     monkeypatch.setattr(common, "pseudo_anomaly", record)
-    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1, opacity="draem", anomaly_prob=1.0))
-    assert seen and set(seen) == {"draem"}
-    stage2_dpn.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None))
+    flags = dict(anomaly_size="relative", anomaly_colour="image", anomaly_prob=1.0)
+    stage1_rcae.main(quick_args(toy_data, tmp_path, max_steps=1, **flags))
+    assert seen and set(seen) == {("relative", "image")}
     seen.clear()
-    stage3_crd.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None, width=4,
-                               opacity="draem", anomaly_prob=1.0))
-    assert len(seen) > 2 and set(seen) == {"draem"}  # the training batch and the validation images
+    stage2_dpn.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None))
+    assert seen == []  # clean images only
+    stage3_crd.main(quick_args(toy_data, tmp_path, max_steps=1, image_size=None, depth=None, width=4, **flags))
+    assert len(seen) > 4 and set(seen) == {("relative", "image")}  # the training batch and the validation images
 
 
 def test_init_prior_starts_the_map_at_the_prior(toy_data, tmp_path, monkeypatch):
